@@ -1,0 +1,173 @@
+"""The `minicoder` command: one subcommand per stage.
+
+  minicoder data corpus SOURCE... --out DIR          sources -> filtered, ordered, deduplicated documents
+  minicoder tokenizer train --corpus DIR --out DIR   byte-level BPE in Hugging Face format
+  minicoder data pack --corpus DIR --tokenizer DIR --out DIR    FIM + tokenize -> uint16 shards
+  minicoder pretrain --config FILE --data DIR --out DIR          train (torchrun for several processes)
+  minicoder generate MODEL --prompt TEXT [--suffix TEXT]         completion / fill-in-the-middle
+
+Errors the user can fix print as one `error:` line (exit status 2), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import MinicoderError
+
+
+def cmd_corpus(args):
+    from .data import corpus
+
+    corpus.run(args)
+
+
+def cmd_tokenizer_train(args):
+    from .data.io import atomic_output_dir
+    from .tokenizer import corpus_texts, save_tokenizer, train_tokenizer
+
+    if args.vocab_size < 512 or args.vocab_size > 1 << 17:
+        raise MinicoderError(f"--vocab-size must be between 512 and 131072, got {args.vocab_size}")
+    start = time.time()
+    with atomic_output_dir(args.out, force=args.force) as tmp:
+        texts = corpus_texts(args.corpus, max_bytes=args.sample_bytes)
+        tok = train_tokenizer(texts, vocab_size=args.vocab_size)
+        save_tokenizer(tok, tmp, model_max_length=args.model_max_length)
+        meta = {"corpus": str(Path(args.corpus).resolve()), "vocab_size": tok.get_vocab_size(),
+                "sample_bytes": args.sample_bytes, "pre_tokenizer": "gpt-2 byte-level", "seconds": round(time.time() - start, 1)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"tokenizer: {meta['vocab_size']} tokens, trained on <= {args.sample_bytes / 1e6:.0f} MB in {meta['seconds']}s -> {args.out}")
+
+
+def cmd_pack(args):
+    from .data.pack import pack
+
+    meta = pack(args.corpus, args.tokenizer, args.out, fim_rate=args.fim_rate, fim_mode=args.fim_mode,
+                val_fraction=args.val_fraction, seed=args.seed, force=args.force)
+    tr, va = meta["splits"]["train"], meta["splits"]["val"]
+    print(f"packed: train {tr['tokens']:,} tokens ({tr['documents']} documents, {tr['repositories']} repositories, "
+          f"{meta['fim']['documents']} FIM-transformed); val {va['tokens']:,} tokens ({va['repositories']} repositories); "
+          f"{meta['seconds']}s -> {args.out}")
+
+
+def cmd_pretrain(args, overrides):
+    from .config import load_config
+    from .train.loop import train
+
+    model_cfg, train_cfg = load_config(args.config, overrides)
+    if args.max_steps is not None:
+        train_cfg.max_steps = args.max_steps
+    if args.stop_after is not None and args.stop_after < 1:
+        raise MinicoderError(f"--stop-after must be >= 1, got {args.stop_after}")
+    summary = train(model_cfg, train_cfg, args.data, args.out, resume=args.resume, stop_after=args.stop_after,
+                    progress=not args.quiet)
+    if "final" in summary or summary.get("end_step", 0) > summary.get("start_step", 0):
+        line = f"trained steps {summary['start_step']}..{summary['end_step']}: {summary['tokens']:,} tokens in {summary['seconds']}s, loss {summary['loss']:.4f}"
+        if summary.get("val_loss") is not None:
+            line += f", val_loss {summary['val_loss']:.4f}"
+        if summary.get("val_bpb") is not None:
+            line += f", val_bpb {summary['val_bpb']:.4f}"
+        print(line)
+    if "final" in summary:
+        print(f"final model: {summary['final']}")
+
+
+def cmd_generate(args):
+    from .engine.generate import Generator
+    from .engine.sampling import SamplingParams
+
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    try:
+        params.validate()
+    except ValueError as e:
+        raise MinicoderError(str(e)) from None
+    gen = Generator(args.model)
+    try:
+        text = gen.generate(args.prompt, args.suffix, params)
+    except ValueError as e:
+        raise MinicoderError(str(e)) from None
+    sys.stdout.write(text + ("\n" if not text.endswith("\n") else ""))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="minicoder", description="Build a code LLM from scratch and use it.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="build corpora and packed training data").add_subparsers(dest="data_command", required=True)
+    from .data import corpus
+
+    c = data.add_parser("corpus", help="sources -> filtered, ordered, deduplicated repository documents")
+    corpus.configure_parser(c)
+    c.set_defaults(func=cmd_corpus)
+
+    k = data.add_parser("pack", help="FIM-transform and tokenize a corpus into uint16 shards")
+    k.add_argument("--corpus", required=True, help="a directory made by `minicoder data corpus`")
+    k.add_argument("--tokenizer", required=True, help="a directory made by `minicoder tokenizer train`")
+    k.add_argument("--out", required=True)
+    k.add_argument("--fim-rate", type=float, default=0.5, help="fraction of training documents FIM-transformed (default 0.5)")
+    k.add_argument("--fim-mode", default="psm", choices=["psm", "spm"])
+    k.add_argument("--val-fraction", type=float, default=0.05, help="fraction of repositories held out (default 0.05)")
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--force", action="store_true", help="replace an existing output directory")
+    k.set_defaults(func=cmd_pack)
+
+    t = sub.add_parser("tokenizer", help="train a tokenizer").add_subparsers(dest="tok_command", required=True)
+    tt = t.add_parser("train", help="train byte-level BPE on a bounded sample of a corpus")
+    tt.add_argument("--corpus", required=True)
+    tt.add_argument("--out", required=True)
+    tt.add_argument("--vocab-size", type=int, default=8192)
+    tt.add_argument("--sample-bytes", type=int, default=50_000_000, help="bytes of corpus text to train on (bounds memory)")
+    tt.add_argument("--model-max-length", type=int, default=4096)
+    tt.add_argument("--force", action="store_true")
+    tt.set_defaults(func=cmd_tokenizer_train)
+
+    r = sub.add_parser("pretrain", help="pretrain a model on packed data (any other --name VALUE overrides the config)")
+    r.add_argument("--config", required=True, help="a preset such as configs/nano.toml")
+    r.add_argument("--data", required=True, help="a directory made by `minicoder data pack`")
+    r.add_argument("--out", required=True)
+    r.add_argument("--max-steps", type=int, help="the run's length (sets the learning-rate schedule)")
+    r.add_argument("--stop-after", type=int, help="halt at this step with a resumable checkpoint")
+    r.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(func=cmd_pretrain, takes_overrides=True)
+
+    g = sub.add_parser("generate", help="complete a prompt, or fill in the middle with --suffix")
+    g.add_argument("model", help="a model directory (checkpoint or final/)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--suffix", help="text after the hole: turns on fill-in-the-middle")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int)
+    g.set_defaults(func=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        if getattr(args, "takes_overrides", False):
+            args.func(args, extra)
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        else:
+            args.func(args)
+    except MinicoderError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
