@@ -99,6 +99,9 @@ class Tokenizer:
             self.tok = HFTokenizer.from_file(str(file))
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
             raise MinicoderError(f"{file}: cannot load tokenizer ({e})") from None
+        # Text is always data: code that spells `<|EOT|>` encodes as plain bytes, never as the control token.
+        # Control tokens enter only as ids (fim_prompt, packing) or through the chat template.
+        self.tok.encode_special_tokens = True
         missing = [t for t in SPECIAL_TOKENS if self.tok.token_to_id(t) is None]
         if missing:
             raise MinicoderError(f"{file}: missing special tokens {missing}")

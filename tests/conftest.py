@@ -1,0 +1,88 @@
+"""Shared fixtures: a tiny corpus, tokenizer, packed dataset and model preset, built once per test session."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_PRESET = """
+[model]
+hidden_size = 64
+intermediate_size = 160
+num_hidden_layers = 2
+num_attention_heads = 4
+num_key_value_heads = 2
+max_position_embeddings = 128
+
+[train]
+seq_len = 32
+batch_size = 4
+max_steps = 8
+lr = 3e-3
+warmup_steps = 2
+eval_interval = 4
+eval_batches = 2
+save_interval = 4
+log_interval = 2
+"""
+
+
+def run_cli(*args: str, check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m minicoder ...` as a user would, capturing its output."""
+    proc = subprocess.run([sys.executable, "-m", "minicoder", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"minicoder {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    """~60 standard-library modules as one-file repositories, in the corpus document format."""
+    out = tmp_path_factory.mktemp("corpus")
+    (out / "docs").mkdir()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    with open(out / "docs" / "shard-00000.jsonl", "w") as f:
+        for path in sorted(stdlib.glob("*.py"))[:60]:
+            text = path.read_text(encoding="utf-8", errors="replace")[:20000]
+            f.write(json.dumps({"repo": f"stdlib/{path.stem}", "lang": "python", "paths": [path.name],
+                                "text": f"# {path.name}\n{text}"}) + "\n")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    run_cli("tokenizer", "train", "--corpus", str(tiny_corpus), "--out", str(out), "--vocab-size", "512", check=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_packed(tiny_corpus, tiny_tokenizer, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("packed") / "data"
+    run_cli("data", "pack", "--corpus", str(tiny_corpus), "--tokenizer", str(tiny_tokenizer), "--out", str(out),
+            "--val-fraction", "0.1", check=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_preset(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cfg") / "tiny.toml"
+    path.write_text(TINY_PRESET)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tiny_packed, tiny_preset, tmp_path_factory) -> Path:
+    """A finished 8-step run (its final/ is a complete Hugging Face model directory)."""
+    out = tmp_path_factory.mktemp("run") / "run"
+    run_cli("pretrain", "--config", str(tiny_preset), "--data", str(tiny_packed), "--out", str(out), "--quiet", check=True)
+    return out
