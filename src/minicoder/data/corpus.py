@@ -98,10 +98,6 @@ class CorpusCounts:
         return "; ".join(p for p in parts if p) or "nothing"
 
 
-_SEPARATE_COUNTS = {"exact_duplicate": "exact_duplicates", "near_duplicate": "near_duplicates_file",
-                    "decontaminated": "decontaminated"}
-
-
 class ShardWriter:
     """Appends one JSON line per repository sample to docs/shard-NNNNN.jsonl, starting a new shard past ~64 MB.
 
@@ -164,8 +160,12 @@ class CorpusBuilder:
     def screen(self, file: SourceFile) -> KeptFile | None:
         """The file ready for a sample, or None after counting why it was dropped."""
         kept, reason = self._screen(file)
-        if reason in _SEPARATE_COUNTS:  # dedup and decontamination have their own counters
-            setattr(self.counts, _SEPARATE_COUNTS[reason], getattr(self.counts, _SEPARATE_COUNTS[reason]) + 1)
+        if reason == "exact_duplicate":  # dedup and decontamination have their own counters
+            self.counts.exact_duplicates += 1
+        elif reason == "near_duplicate":
+            self.counts.near_duplicates_file += 1
+        elif reason == "decontaminated":
+            self.counts.decontaminated += 1
         elif reason:
             self.counts.dropped[reason] += 1
         return kept
@@ -205,14 +205,14 @@ class CorpusBuilder:
             return None, "near_duplicate"
         return KeptFile(file.path, language, text, len(data), imports, minhash), None
 
-    def sample(self, repo: str, files: list[KeptFile], package_dirs: set[str]) -> tuple[str, list[str], list[str]] | None:
+    def sample(self, files: list[KeptFile], package_dirs: set[str]) -> tuple[str, list[str], list[str]] | None:
         """(language, ordered paths, file blocks) of the repository sample, or None for a near-duplicate repository."""
         by_path = {f.path: f for f in files}
         python = {f.path: f.imports for f in files if f.language == "python"}
         others = [f.path for f in files if f.language != "python"]
         ordered = [by_path[path] for path in order_files(python, others, package_dirs)]
-        minhash = self._hasher.union([f.minhash for f in ordered if f.minhash is not None])
-        if self._near_repos.is_duplicate(minhash):
+        file_minhashes = [f.minhash for f in ordered if f.minhash is not None]
+        if file_minhashes and self._near_repos.is_duplicate(self._hasher.union(file_minhashes)):
             self.counts.near_duplicates_repo += 1
             self.counts.near_duplicate_repo_files += len(files)
             return None
@@ -236,7 +236,7 @@ class CorpusBuilder:
             self.counts.repositories_seen += 1
         if not kept:
             return
-        sample = self.sample(repo.name, kept, package_dirs)
+        sample = self.sample(kept, package_dirs)
         if sample is None:
             return
         language, paths, blocks = sample

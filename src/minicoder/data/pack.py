@@ -42,7 +42,8 @@ def read_documents(corpus_dir: Path) -> Iterator[dict]:
             for lineno, line in enumerate(f, 1):
                 try:
                     doc = json.loads(line)
-                    yield {"repo": str(doc.get("repo", f"{shard.name}:{lineno}")), "text": doc["text"]}
+                    yield {"repo": str(doc.get("repo", f"{shard.name}:{lineno}")), "text": doc["text"],
+                           "paths": list(doc.get("paths", []))}
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
                     raise MinicoderError(f"{shard}:{lineno}: not a corpus document ({e})") from None
 

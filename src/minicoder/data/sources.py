@@ -108,7 +108,8 @@ def open_source(spec: str) -> Source:
         return Source(spec, path.resolve(), lambda: _folder_repositories(path.resolve()))
     if path.is_file():
         if path.name.endswith(ROW_FILE_SUFFIXES):
-            return Source(spec, path.resolve(), lambda: _row_repositories(_read_row_file(path), path.name.split(".")[0]))
+            stem = path.name.split(".")[0]  # rows without a repository are named <stem>/<row number>
+            return Source(spec, path.resolve(), lambda: _row_repositories(_read_row_file(path), stem))
         raise MinicoderError(f"{path}: unknown source format (expected a folder, {', '.join(ROW_FILE_SUFFIXES)}, "
                              "'stdlib', 'site-packages' or 'hf:<folder>')")
     raise MinicoderError(f"{path}: source folder or file does not exist")
@@ -124,7 +125,11 @@ def _is_skipped_dir(entry: Path, skipped: set[str]) -> bool:
 
 
 def _source_file(path: Path, base: Path) -> SourceFile:
-    return SourceFile(path.relative_to(base).as_posix(), path.stat().st_size, path.read_bytes)
+    try:
+        size = path.stat().st_size
+    except OSError:  # vanished or unreadable: reading it fails too, and is counted as `unreadable`
+        size = 0
+    return SourceFile(path.relative_to(base).as_posix(), size, path.read_bytes)
 
 
 def _walk_files(start: Path, base: Path, skipped: set[str]) -> Iterator[SourceFile]:
