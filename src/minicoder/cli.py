@@ -64,7 +64,7 @@ def cmd_pretrain(args, overrides):
     if args.stop_after is not None and args.stop_after < 1:
         raise MinicoderError(f"--stop-after must be >= 1, got {args.stop_after}")
     summary = train(model_cfg, train_cfg, args.data, args.out, resume=args.resume, stop_after=args.stop_after,
-                    progress=not args.quiet)
+                    progress=not args.quiet, run_info={"stage": "pretrain", "preset": Path(args.config).stem})
     if "final" in summary or summary.get("end_step", 0) > summary.get("start_step", 0):
         line = f"trained steps {summary['start_step']}..{summary['end_step']}: {summary['tokens']:,} tokens in {summary['seconds']}s, loss {summary['loss']:.4f}"
         if summary.get("val_loss") is not None:
@@ -92,6 +92,45 @@ def cmd_generate(args):
     except ValueError as e:
         raise MinicoderError(str(e)) from None
     sys.stdout.write(text + ("\n" if not text.endswith("\n") else ""))
+
+
+def cmd_eval(args):
+    from .eval.report import describe_model, write_report
+
+    out = Path(args.out)
+    model_info = describe_model(getattr(args, "model", None), getattr(args, "endpoint", None))
+    if args.eval_command == "humaneval":
+        from .eval.completers import make_completer
+        from .eval.humaneval import generate_samples, score_samples
+
+        out.mkdir(parents=True, exist_ok=True)
+        if args.samples:
+            samples = Path(args.samples)
+            model_info["model"] = model_info["model"] or str(samples)
+        else:
+            completer = make_completer(args.model, args.endpoint, seed=args.seed)
+            samples = generate_samples(completer, out / "samples.jsonl", args.n_samples, args.temperature, args.limit)
+        scores = score_samples(samples, ks=(1, 10, 100))
+        print(f"HumanEval: {scores['problems']} problems, {scores['samples']} samples: "
+              + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k.startswith("pass@"))
+              + f" -> {samples.with_name(samples.name + '_results.jsonl')}")
+    elif args.eval_command == "infill":
+        from .eval.completers import make_completer
+        from .eval.humaneval import write_jsonl
+        from .eval.infill import run_infill
+
+        scores, rows = run_infill(make_completer(args.model, args.endpoint), limit=args.limit)
+        out.mkdir(parents=True, exist_ok=True)
+        write_jsonl(out / "infill_results.jsonl", rows)
+        print(f"single-line infilling: {scores['tasks']} lines, exact match {scores['exact_match']:.4f}, pass@1 {scores['pass@1']:.4f}")
+    else:
+        from .eval.loss import heldout_loss
+
+        scores = heldout_loss(args.model, args.data, seq_len=args.seq_len, max_windows=args.max_windows)
+        print(f"held-out loss {scores['loss']:.4f} nats/token, {scores['bits_per_byte']:.4f} bits/byte "
+              f"({scores['windows']} windows of {scores['seq_len']} tokens)")
+    summary = write_report(args.eval_command, scores, model_info, out, None if args.no_results_md else args.results_md)
+    print(f"summary: {out / (summary['task'] + '_summary.json')}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,6 +186,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int)
     g.set_defaults(func=cmd_generate)
+    ev = sub.add_parser("eval", help="HumanEval pass@k, single-line infilling, held-out loss").add_subparsers(
+        dest="eval_command", required=True)
+    for name, help_text in (("humaneval", "HumanEval pass@k with executed tests (in the sandbox)"),
+                            ("infill", "HumanEval single-line infilling: exact match and pass@1"),
+                            ("loss", "held-out loss and bits per byte on packed validation data")):
+        e = ev.add_parser(name, help=help_text)
+        e.add_argument("model", nargs="?" if name != "loss" else None, help="a model directory")
+        if name != "loss":
+            e.add_argument("--endpoint", help="an OpenAI-compatible base URL instead of MODEL, e.g. http://127.0.0.1:8000/v1")
+            e.add_argument("--limit", type=int, help="only the first K problems")
+        else:
+            e.add_argument("--data", required=True, help="a directory made by `minicoder data pack`")
+            e.add_argument("--seq-len", type=int)
+            e.add_argument("--max-windows", type=int)
+        if name == "humaneval":
+            e.add_argument("--n-samples", type=int, default=1)
+            e.add_argument("--temperature", type=float, default=0.0)
+            e.add_argument("--samples", help="score this existing samples JSONL instead of generating")
+            e.add_argument("--seed", type=int, default=0)
+        e.add_argument("--out", default="runs/eval", help="where samples, results and the summary go")
+        e.add_argument("--results-md", default="docs/results.md", help="Markdown table the scores are appended to")
+        e.add_argument("--no-results-md", action="store_true")
+        e.set_defaults(func=cmd_eval)
     return p
 
 

@@ -124,6 +124,38 @@ class Tokenizer:
         """PSM infilling prompt: BOS <fim_begin> prefix <fim_hole> suffix <fim_end>; the model writes the middle."""
         return [self.bos_id, self.fim_begin_id, *self.encode(prefix), self.fim_hole_id, *self.encode(suffix), self.fim_end_id]
 
+    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
+        """Token ids of a conversation laid out exactly as CHAT_TEMPLATE renders it, and a mask that is True
+        on the tokens SFT trains on: each assistant reply and the <|EOT|> that closes it.
+
+        Pieces are tokenized separately, split where a reply starts, which is also how generation sees them
+        (the prompt ends at "### Response:\n", the reply's tokens follow), and <|EOT|> enters as its id.
+        """
+        ids, mask = [self.bos_id], [False]
+
+        def add(text: str, train: bool):
+            piece = self.encode(text)
+            ids.extend(piece)
+            mask.extend([train] * len(piece))
+
+        if messages and messages[0]["role"] == "system":
+            add(messages[0]["content"] + "\n", False)
+            messages = messages[1:]
+        else:
+            add(DEFAULT_SYSTEM + "\n", False)
+        for message in messages:
+            if message["role"] == "user":
+                add("### Instruction:\n" + message["content"] + "\n", False)
+            elif message["role"] == "assistant":
+                add("### Response:\n", False)
+                add(message["content"] + "\n", True)
+                ids.append(self.eot_id)
+                mask.append(True)
+                add("\n", False)
+        if add_generation_prompt:
+            add("### Response:\n", False)
+        return ids, mask
+
     def fingerprint(self) -> str:
         """A short hash of tokenizer.json, recorded in packed-data metadata to catch mismatched tokenizers."""
         return hashlib.sha256((self.path / "tokenizer.json").read_bytes()).hexdigest()[:16]

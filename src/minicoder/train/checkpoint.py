@@ -11,6 +11,7 @@ mid-save leaves the previous checkpoints intact and never a half-written one und
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -22,6 +23,11 @@ import torch
 
 from ..data.io import fsync_tree
 from ..errors import MinicoderError
+
+def read_training_info(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / TRAINING_INFO
+    return json.loads(path.read_text()) if path.is_file() else {}
+
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 STATE_FILE = "trainer_state.pt"
@@ -47,13 +53,18 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_model_dir(model, tokenizer_dir: Path, out: Path, extra_state: dict | None = None):
+TRAINING_INFO = "minicoder.json"  # what made this model: stage, preset, steps, tokens trained
+
+
+def save_model_dir(model, tokenizer_dir: Path, out: Path, extra_state: dict | None = None, info: dict | None = None):
     """Write a complete, atomically-renamed model directory (plus trainer state when given)."""
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp)
         copy_tokenizer(tokenizer_dir, tmp)
+        if info is not None:
+            (tmp / TRAINING_INFO).write_text(json.dumps(info, indent=2) + "\n")
         if extra_state is not None:
             torch.save(extra_state, tmp / STATE_FILE)
         fsync_tree(tmp)
@@ -73,11 +84,12 @@ def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_checkpoint(model, optimizer, step: int, settings: dict, tokenizer_dir: Path, out_dir: Path, keep: int) -> Path:
+def save_checkpoint(model, optimizer, step: int, settings: dict, tokenizer_dir: Path, out_dir: Path, keep: int,
+                    info: dict | None = None) -> Path:
     path = out_dir / "checkpoints" / f"step-{step:06d}"
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), "settings": settings}
-    save_model_dir(model, tokenizer_dir, path, state)
+    save_model_dir(model, tokenizer_dir, path, state, info)
     for _, old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return path

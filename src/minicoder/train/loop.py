@@ -26,8 +26,8 @@ from tqdm import tqdm
 from ..config import TrainConfig
 from ..errors import MinicoderError
 from ..model import LlamaForCausalLM, ModelConfig
-from .checkpoint import (list_checkpoints, load_trainer_state, save_checkpoint, save_model_dir,
-                         set_rng_state)
+from .checkpoint import (list_checkpoints, load_trainer_state, read_training_info, save_checkpoint,
+                         save_model_dir, set_rng_state)
 from .data import EpochSampler, TokenWindows, read_data_meta
 
 IGNORE_INDEX = -100
@@ -158,18 +158,19 @@ def truncate_log(log_file: Path, last_step: int):
 
 def train(model_cfg: ModelConfig, cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, *,
           resume: bool = False, stop_after: int | None = None, progress: bool = True,
-          train_data=None, val_data=None) -> dict:
+          train_data=None, val_data=None, run_info: dict | None = None) -> dict:
     """Train and return a summary. `train_data`/`val_data` replace the packed-shard windows (SFT passes
     its own masked samples); anything with `len()` and `get(indices) -> (inputs, targets)` works."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     ddp = Distributed()
     try:
-        return _train(model_cfg, cfg, data_dir, out_dir, ddp, resume, stop_after, progress, train_data, val_data)
+        return _train(model_cfg, cfg, data_dir, out_dir, ddp, resume, stop_after, progress, train_data, val_data,
+                      run_info or {})
     finally:
         ddp.close()
 
 
-def _train(model_cfg, cfg, data_dir, out_dir, ddp, resume, stop_after, progress, train_data, val_data):
+def _train(model_cfg, cfg, data_dir, out_dir, ddp, resume, stop_after, progress, train_data, val_data, run_info):
     meta = read_data_meta(data_dir)
     tokenizer_dir = data_dir / "tokenizer"
     model_cfg.vocab_size = meta["vocab_size"]
@@ -184,8 +185,10 @@ def _train(model_cfg, cfg, data_dir, out_dir, ddp, resume, stop_after, progress,
         raise MinicoderError(f"{out_dir}: already holds checkpoints; pass --resume to continue it or choose another --out")
 
     torch.manual_seed(cfg.seed)
+    base_tokens = 0  # tokens the initial checkpoint was already trained on (SFT starts from a pretrained model)
     if cfg.init:
         model = LlamaForCausalLM.from_pretrained(cfg.init)
+        base_tokens = read_training_info(cfg.init).get("tokens_trained", 0)
         model_cfg.__dict__.update(model.config.__dict__)
     else:
         model = LlamaForCausalLM(model_cfg)
@@ -281,9 +284,11 @@ def _train(model_cfg, cfg, data_dir, out_dir, ddp, resume, stop_after, progress,
             if "val_loss" in record:
                 bar.write(f"step {done}: val_loss {record['val_loss']:.4f}" +
                           (f" val_bpb {record['val_bpb']:.4f}" if "val_bpb" in record else ""))
+        info = {**run_info, "steps": done, "tokens_trained": done * per_step * cfg.seq_len + base_tokens,
+                **({"val_loss": last_val["val_loss"], "val_bpb": last_val.get("val_bpb")} if last_val else {})}
         if done % cfg.save_interval == 0 or done == end_step:
             if ddp.main:
-                save_checkpoint(model, optimizer, done, settings, tokenizer_dir, out_dir, cfg.keep_checkpoints)
+                save_checkpoint(model, optimizer, done, settings, tokenizer_dir, out_dir, cfg.keep_checkpoints, info)
             ddp.barrier()
     bar.close()
 
@@ -292,7 +297,7 @@ def _train(model_cfg, cfg, data_dir, out_dir, ddp, resume, stop_after, progress,
         summary.update(val_loss=last_val.get("val_loss"), val_bpb=last_val.get("val_bpb"))
     if ddp.main and end_step == cfg.max_steps and end_step > start_step:
         final = out_dir / "final"
-        save_model_dir(model, tokenizer_dir, final)
+        save_model_dir(model, tokenizer_dir, final, info=info)
         summary["final"] = str(final)
     if ddp.main and log_file.exists():
         plot_losses(log_file, out_dir / "loss.png")

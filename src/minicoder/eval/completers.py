@@ -1,0 +1,102 @@
+"""Where evaluation completions come from: the in-process engine or any OpenAI-compatible endpoint.
+
+Both expose `complete(prompts, n, temperature, max_tokens, stop, suffixes=None) -> list[list[str]]`
+(n completions per prompt). Stop strings are applied here as well, so results do not depend on whether
+the backend honours them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+
+def cut_at_stop(text: str, stop: list[str]) -> str:
+    cut = min((i for s in stop if (i := text.find(s)) >= 0), default=len(text))
+    return text[:cut]
+
+
+@dataclass
+class LocalCompleter:
+    """Generates with minicoder's engine in this process."""
+
+    model_dir: str
+    seed: int = 0
+
+    def __post_init__(self):
+        from ..engine.generate import Generator
+
+        self.generator = Generator(self.model_dir)
+        self.name = str(self.model_dir)
+        self.truncated_prompts = 0
+
+    def fit_context(self, ids: list[int], max_tokens: int) -> tuple[list[int], int]:
+        """Keep BOS and the newest prompt tokens so that prompt + completion fit the model's context
+        (small models have short contexts; HumanEval prompts run to ~600 tokens)."""
+        context = self.generator.model.config.max_position_embeddings
+        max_tokens = min(max_tokens, context // 2)
+        budget = context - max_tokens
+        if len(ids) > budget:
+            self.truncated_prompts += 1
+            ids = ids[:1] + ids[len(ids) - budget + 1 :]
+        return ids, max_tokens
+
+    def complete(self, prompts, n, temperature, max_tokens, stop, suffixes=None, progress=True):
+        from ..engine.sampling import SamplingParams
+
+        out = []
+        for i, prompt in enumerate(tqdm(prompts, desc="generate", unit="prompt", disable=not progress)):
+            suffix = suffixes[i] if suffixes else None
+            ids, max_new = self.fit_context(self.generator.prompt_ids(prompt, suffix), max_tokens)
+            samples = []
+            for j in range(n):
+                params = SamplingParams(max_new_tokens=max_new, temperature=temperature, top_p=0.95 if temperature else 1.0,
+                                        seed=self.seed * 1_000_003 + i * 1009 + j)
+                tokens = []
+                text = ""
+                for token in self.generator.generate_ids(ids, params):
+                    tokens.append(token)
+                    if len(tokens) % 8 == 0:  # check stops every few tokens rather than decoding every step
+                        text = self.generator.tokenizer.decode(tokens)
+                        if any(s in text for s in stop):
+                            break
+                text = self.generator.tokenizer.decode(tokens)
+                samples.append(cut_at_stop(text, stop))
+            out.append(samples)
+        return out
+
+
+@dataclass
+class EndpointCompleter:
+    """Calls `/v1/completions` of an OpenAI-compatible server (minicoder serve, vLLM, llama.cpp, ...)."""
+
+    base_url: str
+    model: str | None = None
+    api_key: str = "EMPTY"
+
+    def __post_init__(self):
+        from openai import OpenAI
+
+        self.client = OpenAI(base_url=self.base_url, api_key=self.api_key)
+        if self.model is None:
+            self.model = self.client.models.list().data[0].id
+        self.name = f"{self.model} @ {self.base_url}"
+
+    def complete(self, prompts, n, temperature, max_tokens, stop, suffixes=None, progress=True):
+        out = []
+        for i, prompt in enumerate(tqdm(prompts, desc="generate", unit="prompt", disable=not progress)):
+            extra = {"suffix": suffixes[i]} if suffixes else {}
+            resp = self.client.completions.create(model=self.model, prompt=prompt, n=n, temperature=temperature,
+                                                  max_tokens=max_tokens, stop=stop[:4] or None, **extra)
+            choices = sorted(resp.choices, key=lambda c: c.index)
+            out.append([cut_at_stop(c.text, stop) for c in choices])
+        return out
+
+
+def make_completer(model: str | None, endpoint: str | None, seed: int = 0):
+    from ..errors import MinicoderError
+
+    if bool(model) == bool(endpoint):
+        raise MinicoderError("give either a MODEL directory or --endpoint URL (not both)")
+    return EndpointCompleter(endpoint) if endpoint else LocalCompleter(model, seed=seed)

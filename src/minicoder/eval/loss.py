@@ -1,0 +1,37 @@
+"""Held-out loss and bits per byte of a model on a packed data directory's validation split.
+
+Bits per byte (= loss / ln 2 x tokens / UTF-8 bytes) compares models with different tokenizers; the
+validation split is whole held-out repositories and never FIM-transformed (see data/pack.py).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..errors import MinicoderError
+from ..model import LlamaForCausalLM
+from ..tokenizer import Tokenizer
+from ..train.data import TokenWindows
+from ..train.loop import loss_fn
+
+
+@torch.inference_mode()
+def heldout_loss(model_dir: str | Path, data_dir: str | Path, seq_len: int | None = None, batch_size: int = 8,
+                 max_windows: int | None = None, progress: bool = True) -> dict:
+    model = LlamaForCausalLM.from_pretrained(model_dir)
+    data = TokenWindows(data_dir, "val", seq_len or min(1024, model.config.max_position_embeddings))
+    if Tokenizer(model_dir).fingerprint() != data.meta.get("tokenizer_fingerprint"):
+        raise MinicoderError(f"{data_dir}: packed with a different tokenizer than {model_dir} (fingerprints differ)")
+    n = min(len(data), max_windows) if max_windows else len(data)
+    total = 0.0
+    for i in tqdm(range(0, n, batch_size), desc="loss", unit="batch", disable=not progress):
+        x, y = data.get(list(range(i, min(n, i + batch_size))))
+        total += loss_fn(model(x), y).item() * len(x)
+    loss = total / n
+    val = data.meta["splits"]["val"]
+    return {"loss": loss, "bits_per_byte": loss / math.log(2) * val["tokens"] / val["bytes"], "windows": n,
+            "seq_len": data.seq_len, "tokens": n * data.seq_len}
