@@ -54,7 +54,20 @@ def cmd_pack(args):
           f"{meta['seconds']}s -> {args.out}")
 
 
-def cmd_pretrain(args, overrides):
+def cmd_sft_data(args):
+    from .data.sft import build_sft_data
+
+    meta = build_sft_data(args.out, args.corpus, args.messages or (), seed=args.seed, val_fraction=args.val_fraction,
+                          max_pairs=args.max_pairs, decontaminate=not args.no_decontam, skip_bad=args.skip_bad,
+                          force=args.force)
+    counts = meta["counts"]
+    print(f"SFT data: {meta['train']} train + {meta['val']} val conversations ({', '.join(f'{k} {v}' for k, v in meta['kinds'].items())}); "
+          f"removed {counts.get('duplicates', 0)} duplicates, {counts.get('decontaminated', 0)} HumanEval-contaminated"
+          + (f"; skipped {counts['user_skipped']} bad lines" if counts.get("user_skipped") else "") + f" -> {args.out}")
+
+
+def cmd_train(args, overrides):
+    """`pretrain` and `sft`: one loop; they differ in the data they feed it."""
     from .config import load_config
     from .train.loop import train
 
@@ -63,8 +76,14 @@ def cmd_pretrain(args, overrides):
         train_cfg.max_steps = args.max_steps
     if args.stop_after is not None and args.stop_after < 1:
         raise MinicoderError(f"--stop-after must be >= 1, got {args.stop_after}")
-    summary = train(model_cfg, train_cfg, args.data, args.out, resume=args.resume, stop_after=args.stop_after,
-                    progress=not args.quiet, run_info={"stage": "pretrain", "preset": Path(args.config).stem})
+    data = args.data
+    if args.command == "sft":
+        from .train.sft import sft_datasets
+
+        train_cfg.init = args.init
+        data = sft_datasets(args.data, args.init, train_cfg.seq_len)
+    summary = train(model_cfg, train_cfg, data, args.out, resume=args.resume, stop_after=args.stop_after,
+                    progress=not args.quiet, run_info={"stage": args.command, "preset": Path(args.config).stem})
     if "final" in summary or summary.get("end_step", 0) > summary.get("start_step", 0):
         line = f"trained steps {summary['start_step']}..{summary['end_step']}: {summary['tokens']:,} tokens in {summary['seconds']}s, loss {summary['loss']:.4f}"
         if summary.get("val_loss") is not None:
@@ -86,9 +105,15 @@ def cmd_generate(args):
         params.validate()
     except ValueError as e:
         raise MinicoderError(str(e)) from None
+    if args.chat and args.suffix is not None:
+        raise MinicoderError("--chat and --suffix cannot be combined")
     gen = Generator(args.model)
     try:
-        text = gen.generate(args.prompt, args.suffix, params)
+        if args.chat:
+            ids, _ = gen.tokenizer.chat_ids([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+            text = gen.tokenizer.decode(list(gen.generate_ids(ids, params)))
+        else:
+            text = gen.generate(args.prompt, args.suffix, params)
     except ValueError as e:
         raise MinicoderError(str(e)) from None
     sys.stdout.write(text + ("\n" if not text.endswith("\n") else ""))
@@ -155,6 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--force", action="store_true", help="replace an existing output directory")
     k.set_defaults(func=cmd_pack)
 
+    d = data.add_parser("sft", help="instruction data mined from a corpus and/or your own chat JSONL")
+    d.add_argument("--corpus", help="a directory made by `minicoder data corpus` to mine documented functions from")
+    d.add_argument("--messages", action="append", help="a JSONL file of {\"messages\": [...]} rows (repeatable)")
+    d.add_argument("--out", required=True)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--val-fraction", type=float, default=0.05)
+    d.add_argument("--max-pairs", type=int, help="keep at most this many conversations (a seeded sample)")
+    d.add_argument("--skip-bad", action="store_true", help="skip malformed --messages lines (and count them) instead of failing")
+    d.add_argument("--no-decontam", action="store_true")
+    d.add_argument("--force", action="store_true")
+    d.set_defaults(func=cmd_sft_data)
+
     t = sub.add_parser("tokenizer", help="train a tokenizer").add_subparsers(dest="tok_command", required=True)
     tt = t.add_parser("train", help="train byte-level BPE on a bounded sample of a corpus")
     tt.add_argument("--corpus", required=True)
@@ -165,20 +202,26 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--force", action="store_true")
     tt.set_defaults(func=cmd_tokenizer_train)
 
-    r = sub.add_parser("pretrain", help="pretrain a model on packed data (any other --name VALUE overrides the config)")
-    r.add_argument("--config", required=True, help="a preset such as configs/nano.toml")
-    r.add_argument("--data", required=True, help="a directory made by `minicoder data pack`")
-    r.add_argument("--out", required=True)
-    r.add_argument("--max-steps", type=int, help="the run's length (sets the learning-rate schedule)")
-    r.add_argument("--stop-after", type=int, help="halt at this step with a resumable checkpoint")
-    r.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    r.add_argument("--quiet", action="store_true", help="no progress bar")
-    r.set_defaults(func=cmd_pretrain, takes_overrides=True)
+    for name in ("pretrain", "sft"):
+        r = sub.add_parser(name, help=("pretrain a model on packed data" if name == "pretrain" else
+                                       "instruction-tune a checkpoint on chat data") + " (any other --name VALUE overrides the config)")
+        r.add_argument("--config", required=True, help="a preset such as configs/nano.toml" if name == "pretrain" else "such as configs/nano_sft.toml")
+        if name == "sft":
+            r.add_argument("--init", required=True, help="the pretrained model directory to start from")
+        r.add_argument("--data", required=True, help="a directory made by `minicoder data pack`" if name == "pretrain" else
+                       "a directory made by `minicoder data sft`")
+        r.add_argument("--out", required=True)
+        r.add_argument("--max-steps", type=int, help="the run's length (sets the learning-rate schedule)")
+        r.add_argument("--stop-after", type=int, help="halt at this step with a resumable checkpoint")
+        r.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+        r.add_argument("--quiet", action="store_true", help="no progress bar")
+        r.set_defaults(func=cmd_train, takes_overrides=True)
 
     g = sub.add_parser("generate", help="complete a prompt, or fill in the middle with --suffix")
     g.add_argument("model", help="a model directory (checkpoint or final/)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--suffix", help="text after the hole: turns on fill-in-the-middle")
+    g.add_argument("--chat", action="store_true", help="treat --prompt as a user message, laid out with the chat template")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-k", type=int, default=0)

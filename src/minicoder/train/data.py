@@ -8,6 +8,7 @@ position g is window perm_epoch[g % n]. A resumed run therefore needs no data cu
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -77,3 +78,28 @@ class EpochSampler:
 
     def epoch_of(self, position: int) -> int:
         return position // self.n
+
+
+@dataclass
+class Datasets:
+    """What the training loop trains on: any `train`/`val` with `len()` and `get(indices) -> (inputs, targets)`."""
+
+    train: object
+    val: object | None
+    tokenizer_dir: Path
+    vocab_size: int
+    source: str
+    val_tokens: int = 0  # with val_bytes: converts validation loss to bits per byte
+    val_bytes: int = 0
+    tokenizer_fingerprint: str | None = None
+
+
+def packed_datasets(data_dir: str | Path, seq_len: int) -> Datasets:
+    """Pretraining data: windows over the shards of a `minicoder data pack` directory."""
+    data_dir = Path(data_dir)
+    meta = read_data_meta(data_dir)
+    val_info = meta["splits"].get("val", {})
+    val = TokenWindows(data_dir, "val", seq_len) if val_info.get("tokens", 0) > seq_len else None
+    return Datasets(train=TokenWindows(data_dir, "train", seq_len), val=val, tokenizer_dir=data_dir / "tokenizer",
+                    vocab_size=meta["vocab_size"], source=str(data_dir.resolve()), val_tokens=val_info.get("tokens", 0),
+                    val_bytes=val_info.get("bytes", 0), tokenizer_fingerprint=meta.get("tokenizer_fingerprint"))

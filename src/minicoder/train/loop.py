@@ -28,7 +28,7 @@ from ..errors import MinicoderError
 from ..model import LlamaForCausalLM, ModelConfig
 from .checkpoint import (list_checkpoints, load_trainer_state, read_training_info, save_checkpoint,
                          save_model_dir, set_rng_state)
-from .data import EpochSampler, TokenWindows, read_data_meta
+from .data import Datasets, EpochSampler, packed_datasets
 
 IGNORE_INDEX = -100
 
@@ -105,7 +105,7 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, val: TokenWindows, cfg: TrainConfig, amp, device) -> float:
+def evaluate(model, val, cfg: TrainConfig, amp, device) -> float:
     """Mean loss over a fixed, evenly spread set of validation windows."""
     model.eval()
     n = min(len(val), cfg.eval_batches * cfg.batch_size)
@@ -156,27 +156,22 @@ def truncate_log(log_file: Path, last_step: int):
     os.replace(tmp, log_file)
 
 
-def train(model_cfg: ModelConfig, cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, *,
-          resume: bool = False, stop_after: int | None = None, progress: bool = True,
-          train_data=None, val_data=None, run_info: dict | None = None) -> dict:
-    """Train and return a summary. `train_data`/`val_data` replace the packed-shard windows (SFT passes
-    its own masked samples); anything with `len()` and `get(indices) -> (inputs, targets)` works."""
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
+def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Datasets | str | Path, out_dir: str | Path, *,
+          resume: bool = False, stop_after: int | None = None, progress: bool = True, run_info: dict | None = None) -> dict:
+    """Train and return a summary. `data` is a packed data directory (pretraining) or prepared `Datasets`
+    (SFT passes its masked chat samples)."""
+    if not isinstance(data, Datasets):
+        data = packed_datasets(data, cfg.seq_len)
     ddp = Distributed()
     try:
-        return _train(model_cfg, cfg, data_dir, out_dir, ddp, resume, stop_after, progress, train_data, val_data,
-                      run_info or {})
+        return _train(model_cfg, cfg, data, Path(out_dir), ddp, resume, stop_after, progress, run_info or {})
     finally:
         ddp.close()
 
 
-def _train(model_cfg, cfg, data_dir, out_dir, ddp, resume, stop_after, progress, train_data, val_data, run_info):
-    meta = read_data_meta(data_dir)
-    tokenizer_dir = data_dir / "tokenizer"
-    model_cfg.vocab_size = meta["vocab_size"]
-    train_data = train_data or TokenWindows(data_dir, "train", cfg.seq_len)
-    if val_data is None and meta["splits"].get("val", {}).get("tokens", 0) > cfg.seq_len:
-        val_data = TokenWindows(data_dir, "val", cfg.seq_len)
+def _train(model_cfg, cfg, data: Datasets, out_dir, ddp, resume, stop_after, progress, run_info):
+    train_data, val_data, tokenizer_dir = data.train, data.val, data.tokenizer_dir
+    model_cfg.vocab_size = data.vocab_size
     if cfg.seq_len > model_cfg.max_position_embeddings:
         raise MinicoderError(f"seq_len {cfg.seq_len} > max_position_embeddings {model_cfg.max_position_embeddings}")
 
@@ -194,10 +189,10 @@ def _train(model_cfg, cfg, data_dir, out_dir, ddp, resume, stop_after, progress,
         model = LlamaForCausalLM(model_cfg)
     model.to(ddp.device).train()
     optimizer = build_optimizer(model, cfg)
-    settings = {"model": asdict(model_cfg), "train": asdict(cfg), "data": str(data_dir.resolve()),
-                "tokenizer_fingerprint": meta.get("tokenizer_fingerprint")}
+    settings = {"model": asdict(model_cfg), "train": asdict(cfg), "data": data.source,
+                "tokenizer_fingerprint": data.tokenizer_fingerprint}
 
-    start_step = 0
+    start_step, tokens_trained = 0, base_tokens
     if resume and checkpoints:
         step, path = checkpoints[-1]
         state = load_trainer_state(path)
@@ -206,6 +201,7 @@ def _train(model_cfg, cfg, data_dir, out_dir, ddp, resume, stop_after, progress,
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         start_step = state["step"]
+        tokens_trained = read_training_info(path).get("tokens_trained", tokens_trained)
         if ddp.main:
             print(f"resuming from {path} (step {start_step})")
     if ddp.main:
@@ -225,8 +221,6 @@ def _train(model_cfg, cfg, data_dir, out_dir, ddp, resume, stop_after, progress,
     epochs = max(1, math.ceil(cfg.max_steps * per_step / len(train_data)))
     flops_per_token = model_cfg.flops_per_token(cfg.seq_len)
     end_step = min(cfg.max_steps, stop_after) if stop_after else cfg.max_steps
-    val_bytes = meta["splits"].get("val", {}).get("bytes", 0)
-    val_tokens = meta["splits"].get("val", {}).get("tokens", 0)
     log_file = out_dir / "log.jsonl"
     summary = {"start_step": start_step, "tokens": 0}
 
@@ -242,11 +236,12 @@ def _train(model_cfg, cfg, data_dir, out_dir, ddp, resume, stop_after, progress,
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        step_loss = 0.0
+        step_loss, step_tokens = 0.0, 0
         for micro in range(cfg.grad_accum):
             first = step * per_step + (micro * ddp.world + ddp.rank) * cfg.batch_size
             x, y = train_data.get(sampler.indices(first, cfg.batch_size))
             x, y = x.to(ddp.device), y.to(ddp.device)
+            step_tokens += x.numel() * ddp.world
             sync = micro == cfg.grad_accum - 1 or ddp.world == 1
             with (contextlib.nullcontext() if sync else runner.no_sync()):
                 with torch.autocast(ddp.device.type, dtype=amp, enabled=amp is not None):
@@ -261,16 +256,16 @@ def _train(model_cfg, cfg, data_dir, out_dir, ddp, resume, stop_after, progress,
         loss_value = ddp.mean(step_loss)
         done = step + 1
         seconds = time.perf_counter() - t0
-        tokens_per_s = per_step * cfg.seq_len / seconds
+        tokens_per_s = step_tokens / seconds
         record = {"step": done, "loss": round(loss_value, 6), "lr": lr, "tokens_per_s": round(tokens_per_s, 1),
                   "flops_per_s": round(tokens_per_s * flops_per_token)}
         if val_data is not None and (done % cfg.eval_interval == 0 or done == end_step):
             val_loss = evaluate(model, val_data, cfg, amp, ddp.device)  # identical on every process
             record["val_loss"] = round(val_loss, 6)
-            if val_bytes:
-                record["val_bpb"] = round(val_loss / math.log(2) * val_tokens / val_bytes, 6)
+            if data.val_bytes:
+                record["val_bpb"] = round(val_loss / math.log(2) * data.val_tokens / data.val_bytes, 6)
             last_val = record
-        summary["tokens"] += per_step * cfg.seq_len
+        summary["tokens"] += step_tokens
         last_loss = loss_value
         if ddp.main:
             with open(log_file, "a") as f:
@@ -284,7 +279,8 @@ def _train(model_cfg, cfg, data_dir, out_dir, ddp, resume, stop_after, progress,
             if "val_loss" in record:
                 bar.write(f"step {done}: val_loss {record['val_loss']:.4f}" +
                           (f" val_bpb {record['val_bpb']:.4f}" if "val_bpb" in record else ""))
-        info = {**run_info, "steps": done, "tokens_trained": done * per_step * cfg.seq_len + base_tokens,
+        tokens_trained += step_tokens
+        info = {**run_info, "steps": done, "tokens_trained": tokens_trained,
                 **({"val_loss": last_val["val_loss"], "val_bpb": last_val.get("val_bpb")} if last_val else {})}
         if done % cfg.save_interval == 0 or done == end_step:
             if ddp.main:
