@@ -57,26 +57,24 @@ def documented_functions(source: str) -> Iterator[dict]:
         tree = ast.parse(source)
     except (SyntaxError, ValueError):
         return
+    source_lines = source.splitlines()  # once per file: slicing it per function keeps mining linear
     for node in ast.walk(tree):
         if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             continue
         doc = ast.get_docstring(node)
         if not doc or len(doc) < MIN_DOCSTRING_CHARS or len(node.body) < 2:
             continue
-        code = ast.get_source_segment(source, node)
-        if not code or node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES:
+        if node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES:
             continue
-        first = source.splitlines()[node.lineno - 1]
-        indent = first[: len(first) - len(first.lstrip())]
-        code = textwrap.dedent(indent + code)
+        first = node.decorator_list[0].lineno if node.decorator_list else node.lineno
+        lines = textwrap.dedent("\n".join(source_lines[first - 1 : node.end_lineno])).splitlines()
         doc_node = node.body[0]
-        lines = code.splitlines()
-        start, end = doc_node.lineno - node.lineno, doc_node.end_lineno - node.lineno
-        without_doc = "\n".join(lines[:start] + lines[end + 1 :])
-        signature = lines[0].strip().rstrip(":")
-        if node.decorator_list:  # the def line comes after the decorators
-            signature = next(line.strip().rstrip(":") for line in lines if line.lstrip().startswith(("def ", "async def ")))
-        yield {"name": node.name, "code": code, "doc": doc, "without_doc": without_doc, "signature": signature}
+        start, end = doc_node.lineno - first, doc_node.end_lineno - first
+        prefix = "async def" if isinstance(node, ast.AsyncFunctionDef) else "def"
+        returns = f" -> {ast.unparse(node.returns)}" if node.returns else ""
+        yield {"name": node.name, "code": "\n".join(lines), "doc": doc,
+               "without_doc": "\n".join(lines[:start] + lines[end + 1 :]),
+               "signature": f"{prefix} {node.name}({ast.unparse(node.args)}){returns}"}
 
 
 def fence(code: str) -> str:
