@@ -7,8 +7,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 MC := $(BIN)/minicoder
 DEMO ?= runs/demo
-DEMO_FILES ?= 2500
 DEMO_STEPS ?= 400
+DEMO_SFT_STEPS ?= 200
 
 export TOKENIZERS_PARALLELISM ?= true
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
@@ -25,22 +25,30 @@ install: $(BIN)/.installed
 
 demo: install
 	@start=$$(date +%s); set -e; rm -rf $(DEMO); \
-	echo "== 1/5 corpus: the Python standard library, filtered, ordered, deduplicated, decontaminated"; \
-	$(MC) data corpus stdlib --out $(DEMO)/corpus --max-files $(DEMO_FILES); \
-	echo "== 2/5 tokenizer: byte-level BPE, 4096 tokens"; \
+	echo "== 1/7 corpus: the Python standard library, filtered, ordered, deduplicated, decontaminated"; \
+	$(MC) data corpus stdlib --out $(DEMO)/corpus; \
+	echo "== 2/7 tokenizer: byte-level BPE, 4096 tokens"; \
 	$(MC) tokenizer train --corpus $(DEMO)/corpus --out $(DEMO)/tokenizer --vocab-size 4096; \
-	echo "== 3/5 pack: fill-in-the-middle (rate 0.5, PSM), uint16 shards, validation by repository"; \
+	echo "== 3/7 pack: fill-in-the-middle (rate 0.5, PSM), uint16 shards, validation by repository"; \
 	$(MC) data pack --corpus $(DEMO)/corpus --tokenizer $(DEMO)/tokenizer --out $(DEMO)/data; \
-	echo "== 4/5 pretrain: the nano preset"; \
+	echo "== 4/7 pretrain: the nano preset"; \
 	$(MC) pretrain --config configs/nano.toml --data $(DEMO)/data --out $(DEMO) --max-steps $(DEMO_STEPS); \
-	echo "== 5/5 generate (greedy)"; \
+	echo "== 5/7 generate with the pretrained model (greedy)"; \
 	for prompt in 'def fibonacci(n):' 'import os' 'class Stack:'; do \
 	  echo "--- prompt: $$prompt"; printf '%s' "$$prompt"; \
 	  $(MC) generate $(DEMO)/final --prompt "$$prompt" --max-new-tokens 48; \
 	done; \
 	echo "--- fill in the middle: prefix 'def add(a, b):\\n    return ', suffix '\\n\\n\\ndef sub(a, b):\\n    return a - b\\n' -> middle:"; \
 	$(MC) generate $(DEMO)/final --prompt $$'def add(a, b):\n    return ' --suffix $$'\n\n\ndef sub(a, b):\n    return a - b\n' --max-new-tokens 16; \
-	echo "== done in $$(( $$(date +%s) - start ))s; final model: $(DEMO)/final (corpus, tokenizer, data, checkpoints, log.jsonl, loss.png beside it)"
+	echo "== 6/7 SFT: instruction pairs mined from the corpus, loss on assistant tokens"; \
+	$(MC) data sft --corpus $(DEMO)/corpus --out $(DEMO)/sft_data --max-pairs 4000; \
+	$(MC) sft --config configs/nano_sft.toml --init $(DEMO)/final --data $(DEMO)/sft_data --out $(DEMO)/sft --max-steps $(DEMO_SFT_STEPS); \
+	echo "== 7/7 chat with the SFT model (greedy)"; \
+	for q in 'Write a Python function `def is_palindrome(s)` that returns True when s reads the same backwards.' \
+	         'Write a docstring for this function:'$$'\n```python\ndef add(a, b):\n    return a + b\n```'; do \
+	  echo "--- user: $$q"; $(MC) generate $(DEMO)/sft/final --chat --prompt "$$q" --max-new-tokens 96; \
+	done; \
+	echo "== done in $$(( $$(date +%s) - start ))s; pretrained model: $(DEMO)/final, SFT model: $(DEMO)/sft/final (corpus, tokenizer, data, checkpoints, logs, loss.png beside them)"
 
 test: install
 	$(BIN)/python -m pytest -q

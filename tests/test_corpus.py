@@ -379,3 +379,25 @@ def test_command_line_runs_and_prints_a_summary(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "Kept 1 of 2 files" in printed and "syntax_error 1" in printed
     assert str(tmp_path / "out") in printed
+
+
+def test_command_line_bad_inputs_give_one_clear_line(tmp_path):
+    """What a user sees from `minicoder data corpus`: exit status 2, the path named, no traceback, no output left."""
+    from conftest import run_cli
+
+    out = tmp_path / "out"
+    proc = run_cli("data", "corpus", str(tmp_path / "no-such-folder"), "--out", str(out))
+    assert proc.returncode == 2 and "no-such-folder" in proc.stderr and "Traceback" not in proc.stderr
+    junk = tmp_path / "junk" / "repo"
+    junk.mkdir(parents=True)
+    (junk / "blob.py").write_bytes(b"\x00\x01\x02binary\x00")
+    (junk / "latin1.py").write_bytes("caf\xe9 = 1\n".encode("latin-1"))
+    proc = run_cli("data", "corpus", str(tmp_path / "junk"), "--out", str(out), "--no-progress")
+    assert proc.returncode == 2 and "no documents kept" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp*"))
+    (junk / "good.py").write_text("def double(x):\n    return 2 * x\n")
+    proc = run_cli("data", "corpus", str(tmp_path / "junk"), "--out", str(out), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["counts"]["files_kept"] == 1
+    assert meta["counts"]["dropped"]["binary"] == 1 and meta["counts"]["dropped"]["not_utf8"] == 1
