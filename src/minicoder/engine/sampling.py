@@ -1,8 +1,12 @@
-"""Next-token selection: greedy when temperature is 0, else temperature / top-k / top-p sampling."""
+"""Next-token selection: greedy when temperature is 0, else temperature / top-k / top-p sampling.
+
+`SamplingParams` is the one request description every caller fills in (CLI, server, LangChain, eval);
+the serving engine's batched sampler (`sampler.py`) honours all of it, `sample_next` the first six fields.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -15,6 +19,15 @@ class SamplingParams:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    # --- honoured by the serving engine ---------------------------------------------------------
+    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one
+    presence_penalty: float = 0.0  # OpenAI-style, on generated tokens: subtract once per token seen
+    frequency_penalty: float = 0.0  # ... and once per occurrence
+    min_new_tokens: int = 0  # stop tokens are masked until this many tokens exist
+    ignore_eos: bool = False  # keep going past end-of-sequence tokens (stop_token_ids still stop)
+    stop: list[str] | str = field(default_factory=list)  # stop strings; the text ends before the first one
+    stop_token_ids: list[int] = field(default_factory=list)
+    logprobs: int | None = None  # None: off; N: the chosen token's logprob and the N most likely
 
     def validate(self):
         if self.max_new_tokens < 1:
@@ -27,6 +40,28 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
+        if any(not isinstance(s, str) for s in self.stop_strings):
+            raise ValueError("stop must be a string or a list of strings")
+
+    @property
+    def stop_strings(self) -> list[str]:
+        """`stop` as a list of non-empty strings (a bare string is accepted, as OpenAI's API does)."""
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        return [s for s in stops if s != ""]
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

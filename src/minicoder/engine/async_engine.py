@@ -1,0 +1,101 @@
+"""`AsyncEngine`: the engine for asyncio servers.
+
+One background task drives `Engine.step` in a worker thread (torch releases the GIL, so the event loop
+keeps serving) and hands each request's outputs to the coroutine that streams them. A client that goes
+away cancels its request, which frees its KV blocks at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .engine import Engine, EngineConfig
+from .request import RequestOutput
+from .sampling import SamplingParams
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
+        self._wake: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+
+    @classmethod
+    def from_pretrained(cls, model_path: str | Path, config: EngineConfig | None = None) -> "AsyncEngine":
+        return cls(Engine(model_path, config))
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Submit a request and yield its outputs until it finishes. Raises QueueFull when the queue is full.
+
+        A consumer that stops early is cancelled when the generator closes: at once for a cancelled task
+        (a client disconnect), and for a plain `break` when iterating under `contextlib.aclosing`.
+        """
+        self._ensure_loop()
+        request_id = self.engine.submit(prompt, params, request_id)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = queue
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:  # the consumer went away (client disconnect, cancelled task)
+                self.engine.cancel(request_id)
+                self._wake.set()
+
+    async def complete(self, prompt: str | list[int], params: SamplingParams | None = None) -> RequestOutput:
+        """The final output of one request."""
+        output = None
+        async for output in self.generate(prompt, params):
+            pass
+        return output
+
+    def cancel(self, request_id: str):
+        self.engine.cancel(request_id)
+        if self._wake is not None:
+            self._wake.set()
+
+    async def close(self):
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            try:
+                await self._loop_task
+            except asyncio.CancelledError:
+                pass
+            self._loop_task = None
+        self._executor.shutdown(wait=True)
+
+    def _ensure_loop(self):
+        if self._loop_task is None or self._loop_task.done():
+            self._wake = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self):
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self.engine.has_unfinished():  # cancelled requests count until a step retires them
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                outputs = await loop.run_in_executor(self._executor, self.engine.step)
+            except Exception as e:  # a bug or out of memory: fail every waiting stream, keep the server up
+                for queue in self._queues.values():
+                    queue.put_nowait(e)
+                raise
+            for out in outputs:
+                queue = self._queues.get(out.request_id)
+                if queue is not None:
+                    queue.put_nowait(out)

@@ -1,0 +1,276 @@
+"""The engine: the one place that generates (CLI chat, server, LangChain, agent and evaluator call it).
+
+    engine = Engine("checkpoints/sft")
+    rid = engine.submit("def hello_world():", SamplingParams(max_new_tokens=64))
+    while engine.has_unfinished():
+        for out in engine.step():
+            print(out.delta_text, end="")
+
+`submit` and `cancel` are safe to call from other threads while one thread runs `step` (that is how
+`AsyncEngine` serves many clients). Each step: the scheduler picks the chunks, the runner computes their
+logits in one batched forward, the sampler picks tokens, and each request turns its tokens into text.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import MinicoderError
+from .kv_cache import KVCacheManager, PrefixCacheStats
+from .prompts import PromptBuilder
+from .request import Request, RequestOutput
+from .sampler import sample
+from .sampling import SamplingParams
+from .scheduler import Scheduler
+from .runner import SequenceChunk
+
+__all__ = ["Engine", "EngineConfig", "EngineStats", "QueueFull"]
+
+NATIVE_MODEL_TYPES = ("llama", "mistral")
+# End-of-turn tokens of known chat formats: generation stops on them as on end-of-sequence.
+END_OF_TURN_TOKENS = ("<|EOT|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its bound; the caller should retry later (HTTP 503)."""
+
+
+@dataclass
+class EngineConfig:
+    dtype: torch.dtype | str = torch.float32  # or its name: "bfloat16"
+    backend: str = "auto"  # "native" (paged Llama), "transformers", or "auto": native when it can load the model
+    block_size: int = 16  # tokens per KV block
+    num_blocks: int | None = None  # default: what kv_cache_bytes holds, at most what max_num_seqs full contexts need
+    kv_cache_bytes: int = 2 << 30
+    max_num_seqs: int = 16  # requests in the running batch
+    max_num_batched_tokens: int = 256  # tokens per step: decodes plus prefill chunks
+    max_waiting: int = 256  # bound of the waiting queue: beyond it submit raises QueueFull
+    enable_prefix_caching: bool = True
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    free_blocks: int
+    total_blocks: int
+    preemptions: int
+    generated_tokens: int
+    prefix_cache: PrefixCacheStats = field(default_factory=PrefixCacheStats)
+
+
+class Engine:
+    def __init__(self, model_path: str | Path, config: EngineConfig | None = None):
+        self.config = config = config or EngineConfig()
+        self.model_path = Path(model_path)
+        self.tokenizer = _load_tokenizer(self.model_path)
+        self.prompts = PromptBuilder(self.tokenizer)
+        loaded = _load_model(self.model_path, config)
+        self.backend, self.runner, self.vocab_size = loaded.backend, loaded.runner, loaded.vocab_size
+        self.max_model_len = loaded.max_model_len
+        self.eos_token_ids = _eos_token_ids(self.model_path, self.tokenizer)
+        prefix_caching = config.enable_prefix_caching and self.backend == "native"
+        self.kv = KVCacheManager(loaded.num_blocks, config.block_size, prefix_caching)
+        # A request must fit the KV pool on its own, or preempting the others would not let it finish.
+        self.max_request_tokens = min(self.max_model_len, loaded.num_blocks * config.block_size)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.requests: dict[str, Request] = {}
+        self.generated_tokens = 0
+        self._ids = itertools.count()
+        self._lock = threading.Lock()  # guards the inbox, filled by other threads, drained by step()
+        self._new: list[Request] = []
+        self._cancelled: list[str] = []
+
+    # --- requests -------------------------------------------------------------------------------
+    def submit(self, prompt: str | list[int], params: SamplingParams | None = None,
+               request_id: str | None = None) -> str:
+        """Queue a request (text is encoded as `tokenizer.encode` does); returns its id. Raises QueueFull."""
+        params = params or SamplingParams()
+        params.validate()
+        prompt_ids = self.prompts.completion(prompt) if isinstance(prompt, str) else list(prompt)
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_ids) >= self.max_request_tokens:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; at most {self.max_request_tokens - 1} fit "
+                             f"(context {self.max_model_len}, KV cache {len(self.kv.blocks) * self.kv.block_size})")
+        if not all(0 <= t < self.vocab_size for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        request_id = request_id or f"req-{next(self._ids)}"
+        request = Request(request_id, prompt_ids, params, tokenizer=self.tokenizer, vocab_size=self.vocab_size,
+                          eos_token_ids=self.eos_token_ids, max_total_tokens=self.max_request_tokens)
+        with self._lock:
+            if request_id in self.requests:
+                raise ValueError(f"request id {request_id!r} is in use")
+            if len(self.scheduler.waiting) + len(self._new) >= self.config.max_waiting:
+                raise QueueFull(f"{self.config.max_waiting} requests are already waiting")
+            self.requests[request_id] = request
+            self._new.append(request)
+        return request_id
+
+    def cancel(self, request_id: str):
+        """Stop a request: at the next step its blocks are freed and its final output (finish_reason
+        "cancelled") is sent."""
+        with self._lock:
+            self._cancelled.append(request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # --- the loop -------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step; return an output for every request that changed."""
+        outputs = self._take_inbox()
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return outputs
+        batch = [SequenceChunk(c.request.id, c.request.token_ids[c.start : c.start + c.num_tokens], c.start,
+                               self.kv.block_table(c.request), c.samples) for c in chunks]
+        logits = self.runner.forward(batch)
+        self.scheduler.after_step(chunks)
+        sampling = [c.request for c in chunks if c.samples]
+        if not sampling:
+            return outputs
+        for request, token in zip(sampling, sample(logits, sampling)):
+            delta = request.append_token(token)
+            self.generated_tokens += 1
+            outputs.append(request.output(delta, [token]))
+            if request.finished:
+                self._remove(request)
+        return outputs
+
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Run a batch of prompts to completion; outputs in prompt order. Any number of prompts: they are
+        submitted as the waiting queue has room."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids: list[str] = []
+        final: dict[str, RequestOutput] = {}
+        while len(final) < len(prompts):
+            while len(ids) < len(prompts):
+                try:
+                    ids.append(self.submit(prompts[len(ids)], params_list[len(ids)]))
+                except QueueFull:
+                    break
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[i] for i in ids]
+
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """One request's outputs as they come (steps the engine in this thread; for single-user callers)."""
+        request_id = self.submit(prompt, params)
+        try:
+            while True:
+                for out in self.step():
+                    if out.request_id == request_id:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            if request_id in self.requests:  # the consumer stopped early
+                self.cancel(request_id)
+                self._take_inbox()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+                           free_blocks=self.kv.num_free_blocks, total_blocks=len(self.kv.blocks),
+                           preemptions=self.scheduler.num_preemptions, generated_tokens=self.generated_tokens,
+                           prefix_cache=self.kv.stats)
+
+    def _take_inbox(self) -> list[RequestOutput]:
+        with self._lock:
+            new, self._new = self._new, []
+            cancelled, self._cancelled = self._cancelled, []
+        for request in new:
+            self.scheduler.add(request)  # the queue bound was checked in submit
+        outputs = []
+        for request_id in cancelled:
+            request = self.requests.get(request_id)
+            if request is not None:
+                delta = request.cancel()
+                outputs.append(request.output(delta, []))
+                self._remove(request)
+        return outputs
+
+    def _remove(self, request: Request):
+        self.scheduler.remove(request)
+        self.runner.release(request.id)
+        with self._lock:
+            del self.requests[request.id]
+
+
+# --- loading -----------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except json.JSONDecodeError as e:
+        raise MinicoderError(f"{path}: invalid JSON ({e})") from None
+
+
+def _load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise MinicoderError(f"{path}: cannot load a tokenizer ({e})") from None
+
+
+@dataclass
+class _LoadedModel:
+    backend: str
+    runner: object  # PagedLlamaRunner or TransformersRunner: forward(chunks) -> logits, release(request_id)
+    max_model_len: int
+    vocab_size: int
+    num_blocks: int
+
+
+def _load_model(path: Path, config: EngineConfig) -> _LoadedModel:
+    from ..model import LlamaForCausalLM
+    from .hf_backend import TransformersRunner, load_transformers_model
+    from .runner import PagedLlamaRunner, kv_bytes_per_token
+
+    hf_config = _read_json(path / "config.json")
+    if not hf_config:
+        raise MinicoderError(f"{path}: not a model directory (no config.json)")
+    dtype = getattr(torch, config.dtype) if isinstance(config.dtype, str) else config.dtype
+    max_len = min(config.max_model_len or 1 << 30, hf_config.get("max_position_embeddings", 4096))
+    blocks_for_all = config.max_num_seqs * -(-max_len // config.block_size)
+    native_error = None
+    if config.backend in ("auto", "native") and hf_config.get("model_type") in NATIVE_MODEL_TYPES:
+        try:
+            model = LlamaForCausalLM.from_pretrained(path, dtype=dtype)
+        except MinicoderError as e:  # e.g. RoPE scaling: transformers runs it
+            native_error = e
+        else:
+            per_block = kv_bytes_per_token(model.config, dtype) * config.block_size
+            num_blocks = config.num_blocks or max(1, min(blocks_for_all, config.kv_cache_bytes // per_block))
+            runner = PagedLlamaRunner(model, num_blocks, config.block_size)
+            return _LoadedModel("native", runner, max_len, model.config.vocab_size, num_blocks)
+    if config.backend == "native":
+        model_type = hf_config.get("model_type")
+        raise native_error or MinicoderError(f"{path}: model_type {model_type!r} needs the transformers backend")
+    model = load_transformers_model(path, dtype)
+    return _LoadedModel("transformers", TransformersRunner(model), max_len, model.config.vocab_size,
+                        config.num_blocks or blocks_for_all)
+
+
+def _eos_token_ids(path: Path, tokenizer) -> set[int]:
+    """End-of-sequence ids from generation_config.json and the tokenizer, plus known end-of-turn tokens."""
+    configured = _read_json(path / "generation_config.json").get("eos_token_id")
+    ids = set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
+    return ids

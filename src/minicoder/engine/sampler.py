@@ -1,0 +1,84 @@
+"""Batched next-token selection for the serving engine.
+
+Greedy requests with nothing that changes their logits share one argmax. The others go through, in the
+order transformers applies them: min-tokens masking and penalties (per request, vectorized over the
+vocabulary), then temperature, top-k, top-p and min-p for all sampled rows at once, and finally one
+`torch.multinomial` per request with the request's own generator, so a seed gives the same text in any
+batch. Log-probabilities are reported under the model's own distribution (before any of this).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .request import Request, TokenLogprob
+
+
+def sample(logits: torch.Tensor, requests: list[Request]) -> list[int]:
+    """One token per row of `logits` (rows, vocab); records requested logprobs on each request."""
+    logits = logits.float()
+    if all(r.plain_greedy and r.params.logprobs is None for r in requests):
+        return logits.argmax(dim=-1).tolist()
+    raw = logits
+    logits = logits.clone()
+    for i, r in enumerate(requests):
+        if len(r.output_ids) < r.params.min_new_tokens and r.stop_token_ids:
+            logits[i, list(r.stop_token_ids)] = float("-inf")
+        if r.penalties is not None:
+            logits[i] = apply_penalties(logits[i], r)
+    tokens = logits.argmax(dim=-1).tolist()
+    sampled = [i for i, r in enumerate(requests) if not r.params.greedy]
+    if sampled:
+        probs = _filtered_probs(logits[sampled], [requests[i] for i in sampled])
+        for row, i in enumerate(sampled):
+            tokens[i] = int(torch.multinomial(probs[row], 1, generator=requests[i].generator))
+    for i, r in enumerate(requests):
+        if r.logprobs is not None:
+            r.logprobs.append(_logprob(raw[i], tokens[i], r.params.logprobs))
+    return tokens
+
+
+def apply_penalties(row: torch.Tensor, request: Request) -> torch.Tensor:
+    """Repetition penalty over prompt + output (transformers/CTRL), presence and frequency over the output (OpenAI)."""
+    p, state = request.params, request.penalties
+    if p.repetition_penalty != 1.0:
+        penalized = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
+        row = torch.where(state.seen, penalized, row)
+    if p.frequency_penalty != 0.0:
+        row = row - p.frequency_penalty * state.output_counts
+    if p.presence_penalty != 0.0:
+        row = row - p.presence_penalty * (state.output_counts > 0).float()
+    return row
+
+
+def _filtered_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    params = [r.params for r in requests]
+    logits = logits / torch.tensor([p.temperature for p in params])[:, None]
+    vocab = logits.shape[-1]
+    top_k = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
+    if min(top_k) < vocab:
+        top_values = logits.topk(max(top_k), dim=-1).values
+        kth = top_values.gather(-1, torch.tensor(top_k)[:, None] - 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    top_p = torch.tensor([p.top_p for p in params])
+    if (top_p < 1).any():
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        # Keep the smallest set of most likely tokens whose mass reaches top_p (always at least one).
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p[:, None]
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    min_p = torch.tensor([p.min_p for p in params])
+    if (min_p > 0).any():
+        threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+        probs = probs.masked_fill(probs < threshold, 0.0)
+    return probs
+
+
+def _logprob(raw_logits: torch.Tensor, token: int, top_n: int) -> TokenLogprob:
+    logprobs = raw_logits.log_softmax(dim=-1)
+    top = []
+    if top_n > 0:
+        values, ids = logprobs.topk(top_n)
+        top = list(zip(ids.tolist(), values.tolist()))
+    return TokenLogprob(token, float(logprobs[token]), top)
