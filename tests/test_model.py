@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from minicoder.engine.generate import Generator
 from minicoder.engine.sampling import SamplingParams
 from minicoder.model import KVCache, LlamaForCausalLM, ModelConfig
+from minicoder.tokenizer import Tokenizer
 
 from conftest import run_cli
 
@@ -40,7 +41,7 @@ def test_greedy_generate_equals_transformers(tiny_trained):
     gen = Generator(final)
     hf_tok = AutoTokenizer.from_pretrained(final)
     hf = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
-    stop = [gen.tokenizer.eos_id, gen.tokenizer.eot_id]
+    stop = sorted(gen.engine.eos_token_ids)
     for prompt in ["def hello_world():", "import os\nclass ", "    for i in range("]:
         prompt_ids = gen.prompt_ids(prompt)
         assert prompt_ids == hf_tok(prompt)["input_ids"]  # same tokens, BOS included
@@ -61,7 +62,8 @@ def test_generate_cli_prints_only_the_completion(tiny_trained):
 def test_generate_fim_uses_fim_tokens(tiny_trained):
     gen = Generator(tiny_trained / "final")
     ids = gen.prompt_ids("def f(x):\n    ", suffix="\n    return y\n")
-    tok = gen.tokenizer
+    tok = Tokenizer(tiny_trained / "final")
+    assert ids == tok.fim_prompt("def f(x):\n    ", "\n    return y\n")
     assert ids[:2] == [tok.bos_id, tok.fim_begin_id] and ids[-1] == tok.fim_end_id and tok.fim_hole_id in ids
     proc = run_cli("generate", str(tiny_trained / "final"), "--prompt", "def f(x):\n    ", "--suffix", "\n    return y\n",
                    "--max-new-tokens", "8", check=True)

@@ -110,8 +110,7 @@ def cmd_generate(args):
     gen = Generator(args.model)
     try:
         if args.chat:
-            ids, _ = gen.tokenizer.chat_ids([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
-            text = gen.tokenizer.decode(list(gen.generate_ids(ids, params)))
+            text = gen.chat([{"role": "user", "content": args.prompt}], params)
         else:
             text = gen.generate(args.prompt, args.suffix, params)
     except ValueError as e:

@@ -1,7 +1,7 @@
-"""Single-request generation with a KV cache: completion and fill-in-the-middle.
+"""One caller, one request at a time: prompt building plus a streamed request on the engine.
 
-The first version of the engine: prefill the prompt once, then decode one token per step reusing
-cached keys and values. The serving engine grows from this (one generation path for everything).
+What `minicoder generate`, `--chat`, and single-user tools use. It owns no sampling or cache code:
+everything runs through `Engine` (DESIGN.md principle 3: the engine is the only place that generates).
 """
 
 from __future__ import annotations
@@ -9,50 +9,36 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
-
-from ..model import KVCache, LlamaForCausalLM
-from ..tokenizer import Tokenizer
-from .sampling import SamplingParams, apply_repetition_penalty, sample_next
+from .engine import Engine, EngineConfig
+from .sampling import SamplingParams
 
 
 class Generator:
-    def __init__(self, model_dir: str | Path, dtype: torch.dtype = torch.float32):
-        self.model = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype)
-        self.tokenizer = Tokenizer(model_dir)
-        self.stop_ids = {self.tokenizer.eos_id, self.tokenizer.eot_id}
-
-    @torch.inference_mode()
-    def generate_ids(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[int]:
-        """Yield new token ids until a stop token (not yielded) or max_new_tokens."""
-        params.validate()
-        model = self.model
-        limit = model.config.max_position_embeddings
-        if len(prompt_ids) >= limit:
-            raise ValueError(f"prompt has {len(prompt_ids)} tokens; the model's context is {limit}")
-        max_len = min(limit, len(prompt_ids) + params.max_new_tokens)
-        cache = KVCache(model.config, 1, max_len, dtype=next(model.parameters()).dtype)
-        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        seen = torch.tensor(prompt_ids, dtype=torch.long)
-        logits = model(torch.tensor([prompt_ids]), cache=cache, start=0, last_only=True)[0, -1]
-        pos = len(prompt_ids)
-        for _ in range(max_len - len(prompt_ids)):
-            logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-            token = sample_next(logits, params, generator)
-            if token in self.stop_ids:
-                return
-            yield token
-            seen = torch.cat([seen, torch.tensor([token])])
-            if pos + 1 >= max_len:
-                return
-            logits = model(torch.tensor([[token]]), cache=cache, start=pos, last_only=True)[0, -1]
-            pos += 1
+    def __init__(self, model_dir: str | Path, config: EngineConfig | None = None):
+        # One sequence at a time needs only one sequence's worth of KV blocks.
+        self.engine = Engine(model_dir, config or EngineConfig(max_num_seqs=1))
+        self.tokenizer = self.engine.tokenizer
+        self.prompts = self.engine.prompts
 
     def prompt_ids(self, prompt: str, suffix: str | None = None) -> list[int]:
-        if suffix is not None:
-            return self.tokenizer.fim_prompt(prompt, suffix)
-        return self.tokenizer.encode(prompt, bos=True)
+        """A completion prompt, or a fill-in-the-middle prompt when `suffix` is given."""
+        return self.prompts.fim(prompt, suffix) if suffix is not None else self.prompts.completion(prompt)
+
+    def generate_ids(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[int]:
+        """Yield new token ids as they are generated; the stop token that ends the reply is not yielded."""
+        for out in self.engine.stream(list(prompt_ids), params):
+            for token in out.delta_token_ids:
+                if not (out.finished and out.finish_reason == "stop" and token in self.engine.eos_token_ids):
+                    yield token
 
     def generate(self, prompt: str, suffix: str | None = None, params: SamplingParams | None = None) -> str:
-        ids = list(self.generate_ids(self.prompt_ids(prompt, suffix), params or SamplingParams()))
-        return self.tokenizer.decode(ids)
+        return self._text(self.prompt_ids(prompt, suffix), params)
+
+    def chat(self, messages: list[dict], params: SamplingParams | None = None) -> str:
+        return self._text(self.prompts.chat(messages), params)
+
+    def _text(self, prompt_ids: list[int], params: SamplingParams | None) -> str:
+        text = ""
+        for out in self.engine.stream(prompt_ids, params or SamplingParams()):
+            text = out.text
+        return text

@@ -19,22 +19,22 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
 
 @dataclass
 class LocalCompleter:
-    """Generates with minicoder's engine in this process."""
+    """Generates with minicoder's engine in this process, all prompts x samples batched together."""
 
     model_dir: str
     seed: int = 0
 
     def __post_init__(self):
-        from ..engine.generate import Generator
+        from ..engine.engine import Engine
 
-        self.generator = Generator(self.model_dir)
+        self.engine = Engine(self.model_dir)
         self.name = str(self.model_dir)
         self.truncated_prompts = 0
 
     def fit_context(self, ids: list[int], max_tokens: int) -> tuple[list[int], int]:
-        """Keep BOS and the newest prompt tokens so that prompt + completion fit the model's context
-        (small models have short contexts; HumanEval prompts run to ~600 tokens)."""
-        context = self.generator.model.config.max_position_embeddings
+        """Keep the first token (BOS) and the newest prompt tokens so that prompt + completion fit the
+        model's context (small models have short contexts; HumanEval prompts run to ~600 tokens)."""
+        context = self.engine.max_request_tokens
         max_tokens = min(max_tokens, context // 2)
         budget = context - max_tokens
         if len(ids) > budget:
@@ -45,26 +45,23 @@ class LocalCompleter:
     def complete(self, prompts, n, temperature, max_tokens, stop, suffixes=None, progress=True):
         from ..engine.sampling import SamplingParams
 
-        out = []
-        for i, prompt in enumerate(tqdm(prompts, desc="generate", unit="prompt", disable=not progress)):
-            suffix = suffixes[i] if suffixes else None
-            ids, max_new = self.fit_context(self.generator.prompt_ids(prompt, suffix), max_tokens)
-            samples = []
+        jobs, params = [], []
+        for i, prompt in enumerate(prompts):
+            ids = self.engine.prompts.fim(prompt, suffixes[i]) if suffixes else self.engine.prompts.completion(prompt)
+            ids, max_new = self.fit_context(ids, max_tokens)
             for j in range(n):
-                params = SamplingParams(max_new_tokens=max_new, temperature=temperature, top_p=0.95 if temperature else 1.0,
-                                        seed=self.seed * 1_000_003 + i * 1009 + j)
-                tokens = []
-                text = ""
-                for token in self.generator.generate_ids(ids, params):
-                    tokens.append(token)
-                    if len(tokens) % 8 == 0:  # check stops every few tokens rather than decoding every step
-                        text = self.generator.tokenizer.decode(tokens)
-                        if any(s in text for s in stop):
-                            break
-                text = self.generator.tokenizer.decode(tokens)
-                samples.append(cut_at_stop(text, stop))
-            out.append(samples)
-        return out
+                jobs.append(ids)
+                params.append(SamplingParams(max_new_tokens=max_new, temperature=temperature,
+                                             top_p=0.95 if temperature else 1.0, stop=list(stop),
+                                             seed=self.seed * 1_000_003 + i * 1009 + j))
+        outputs = []
+        bar = tqdm(total=len(jobs), desc="generate", unit="sample", disable=not progress)
+        for start in range(0, len(jobs), 64):  # chunks, so the bar moves
+            outputs += self.engine.generate(jobs[start : start + 64], params[start : start + 64])
+            bar.update(min(64, len(jobs) - start))
+        bar.close()
+        texts = [cut_at_stop(o.text, stop) for o in outputs]
+        return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
 @dataclass
