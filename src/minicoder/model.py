@@ -17,6 +17,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import MinicoderError
+
+
+class UnsupportedModel(MinicoderError):
+    """A valid checkpoint whose config this native implementation does not cover (the serving engine then
+    runs it through transformers)."""
+
 
 @dataclass
 class ModelConfig:
@@ -80,9 +87,9 @@ class ModelConfig:
             d["rope_theta"] = d["rope_parameters"].get("rope_theta", 10000.0)
         rope_type = (d.get("rope_parameters") or d.get("rope_scaling") or {}).get("rope_type", "default")
         if rope_type not in ("default", None):
-            raise ValueError(f"rope_type {rope_type!r} is not supported by the native model")
+            raise UnsupportedModel(f"rope_type {rope_type!r} is not supported by the native model")
         if d.get("head_dim") not in (None, d["hidden_size"] // d["num_attention_heads"]):
-            raise ValueError("head_dim != hidden_size / num_attention_heads is not supported by the native model")
+            raise UnsupportedModel("head_dim != hidden_size / num_attention_heads is not supported by the native model")
         if isinstance(d.get("eos_token_id"), list):
             d["eos_token_id"] = d["eos_token_id"][0]
         names = {f.name for f in fields(cls)}
@@ -266,8 +273,6 @@ class LlamaForCausalLM(nn.Module):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        from .errors import MinicoderError
-
         path = Path(path)
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
@@ -277,9 +282,11 @@ class LlamaForCausalLM(nn.Module):
         except json.JSONDecodeError as e:
             raise MinicoderError(f"{cfg_file}: invalid JSON ({e})") from None
         if hf.get("model_type") not in ("llama", "mistral", None):
-            raise MinicoderError(f"{cfg_file}: model_type {hf.get('model_type')!r} is not a Llama-family model")
+            raise UnsupportedModel(f"{cfg_file}: model_type {hf.get('model_type')!r} is not a Llama-family model")
         try:
             config = ModelConfig.from_hf_dict(hf)
+        except UnsupportedModel as e:
+            raise UnsupportedModel(f"{cfg_file}: {e}") from None
         except (KeyError, ValueError, TypeError) as e:
             raise MinicoderError(f"{cfg_file}: unsupported config ({e})") from None
         files = sorted(path.glob("*.safetensors"))

@@ -236,7 +236,7 @@ class _LoadedModel:
 
 
 def _load_model(path: Path, config: EngineConfig) -> _LoadedModel:
-    from ..model import LlamaForCausalLM
+    from ..model import LlamaForCausalLM, UnsupportedModel
     from .hf_backend import TransformersRunner, load_transformers_model
     from .runner import PagedLlamaRunner, kv_bytes_per_token
 
@@ -250,8 +250,8 @@ def _load_model(path: Path, config: EngineConfig) -> _LoadedModel:
     if config.backend in ("auto", "native") and hf_config.get("model_type") in NATIVE_MODEL_TYPES:
         try:
             model = LlamaForCausalLM.from_pretrained(path, dtype=dtype)
-        except MinicoderError as e:  # e.g. RoPE scaling: transformers runs it
-            native_error = e
+        except UnsupportedModel as e:  # e.g. RoPE scaling: transformers runs it
+            native_error = MinicoderError(str(e))
         else:
             per_block = kv_bytes_per_token(model.config, dtype) * config.block_size
             num_blocks = config.num_blocks or max(1, min(blocks_for_all, config.kv_cache_bytes // per_block))

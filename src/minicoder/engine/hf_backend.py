@@ -15,9 +15,15 @@ from .runner import SequenceChunk
 
 
 def load_transformers_model(path: str | Path, dtype: torch.dtype):
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    from ..errors import MinicoderError
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
+        raise MinicoderError(f"{path}: transformers cannot load this model ({type(e).__name__}: {e})") from None
     return model.eval()
 
 
