@@ -118,6 +118,18 @@ def cmd_generate(args):
     sys.stdout.write(text + ("\n" if not text.endswith("\n") else ""))
 
 
+def cmd_serve(args):
+    from .server.cli import run_serve
+
+    return run_serve(args)
+
+
+def cmd_chat(args):
+    from .chat import run
+
+    return run(args)
+
+
 def cmd_eval(args):
     from .eval.report import describe_model, write_report
 
@@ -228,6 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int)
     g.set_defaults(func=cmd_generate)
+    from .chat import configure_parser as configure_chat
+    from .server.cli import configure_serve_parser
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (+ the seed-001 POST / route)")
+    configure_serve_parser(sv)
+    sv.set_defaults(func=cmd_serve)
+    ch = sub.add_parser("chat", help="terminal chat with a pretrained (raw) or SFT (chat template) model")
+    configure_chat(ch)
+    ch.set_defaults(func=cmd_chat)
+
     ev = sub.add_parser("eval", help="HumanEval pass@k, single-line infilling, held-out loss").add_subparsers(
         dest="eval_command", required=True)
     for name, help_text in (("humaneval", "HumanEval pass@k with executed tests (in the sandbox)"),
@@ -263,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         elif extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         else:
-            args.func(args)
+            return args.func(args) or 0
     except MinicoderError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

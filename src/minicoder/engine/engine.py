@@ -39,7 +39,7 @@ END_OF_TURN_TOKENS = ("<|EOT|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of
 
 
 class QueueFull(Exception):
-    """The waiting queue is at its bound; the caller should retry later (HTTP 503)."""
+    """The waiting queue is at its bound; the caller should retry later (the server answers HTTP 429 with Retry-After)."""
 
 
 @dataclass
@@ -220,6 +220,8 @@ def _read_json(path: Path) -> dict:
 def _load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
+    if not path.is_dir():
+        raise MinicoderError(f"{path}: model directory does not exist")
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
