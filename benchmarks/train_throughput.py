@@ -10,6 +10,7 @@ matmul throughput, to say how much of the machine each loop uses. Writes docs/be
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import shutil
@@ -106,6 +107,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2, help="alternate the two loops this many times")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--vocab-size", type=int, default=4096)
+    ap.add_argument("--compile", action="store_true", help="also measure minicoder with torch.compile")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     args = ap.parse_args()
 
@@ -117,12 +119,17 @@ def main():
         vocab = fake_packed_data(work / "data", args.vocab_size, 2_000_000)
         model_cfg.vocab_size = vocab
         flops_per_token = model_cfg.flops_per_token(train_cfg.seq_len)
-        ours, theirs, theirs_fused = [], [], []
+        ours, ours_compiled, theirs, theirs_fused = [], [], [], []
         for r in range(args.rounds):
             ours.append(minicoder_tokens_per_s(model_cfg, train_cfg, work / "data", args.steps, args.warmup))
+            if args.compile:
+                compiled_cfg = dataclasses.replace(train_cfg, compile=True)
+                ours_compiled.append(minicoder_tokens_per_s(model_cfg, compiled_cfg, work / "data", args.steps, args.warmup))
             theirs.append(transformers_tokens_per_s(model_cfg, train_cfg, vocab, args.steps, args.warmup, amp))
             theirs_fused.append(transformers_tokens_per_s(model_cfg, train_cfg, vocab, args.steps, args.warmup, amp, True))
-            print(f"round {r + 1}: minicoder {ours[-1]:,.0f} tok/s, transformers {theirs[-1]:,.0f} tok/s, "
+            print(f"round {r + 1}: minicoder {ours[-1]:,.0f} tok/s" +
+                  (f", minicoder --compile true {ours_compiled[-1]:,.0f} tok/s" if ours_compiled else "") +
+                  f", transformers {theirs[-1]:,.0f} tok/s, "
                   f"transformers + fused AdamW {theirs_fused[-1]:,.0f} tok/s")
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -144,6 +151,9 @@ def main():
         "| loop | tokens/s | GFLOP/s | % of fp32 peak | % of bf16 peak |",
         "| --- | ---: | ---: | ---: | ---: |",
         f"| minicoder pretrain | {ours_tps:,.0f} | {ours_gflops:.1f} | {100 * ours_gflops / peak['fp32']:.0f}% | {100 * ours_gflops / peak['bf16']:.0f}% |",
+        *([f"| minicoder pretrain --compile true | {max(ours_compiled):,.0f} | {max(ours_compiled) * flops_per_token / 1e9:.1f} | "
+           f"{100 * max(ours_compiled) * flops_per_token / 1e9 / peak['fp32']:.0f}% | {100 * max(ours_compiled) * flops_per_token / 1e9 / peak['bf16']:.0f}% |"]
+          if ours_compiled else []),
         f"| transformers LlamaForCausalLM, plain loop | {theirs_tps:,.0f} | {theirs_gflops:.1f} | {100 * theirs_gflops / peak['fp32']:.0f}% | {100 * theirs_gflops / peak['bf16']:.0f}% |",
         f"| transformers LlamaForCausalLM, plain loop + fused AdamW | {fused_tps:,.0f} | {fused_gflops:.1f} | {100 * fused_gflops / peak['fp32']:.0f}% | {100 * fused_gflops / peak['bf16']:.0f}% |",
         "",
