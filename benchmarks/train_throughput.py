@@ -30,6 +30,16 @@ from minicoder.config import load_config  # noqa: E402
 from minicoder.train.loop import autocast_dtype, train  # noqa: E402
 
 
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def matmul_gflops(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> float:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(3):
@@ -137,7 +147,8 @@ def main():
     dtype_name = "bf16" if amp else "fp32"
     ours_gflops, theirs_gflops, fused_gflops = (t * flops_per_token / 1e9 for t in (ours_tps, theirs_tps, fused_tps))
     rows = {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": f"{cpu_name()}, {torch.get_num_threads()} threads, AVX-512 BF16 "
+                   f"{'yes' if torch.cpu._is_avx512_bf16_supported() else 'no'}, torch {torch.__version__}",
         "config": f"{Path(args.config).name}: {model_cfg.num_parameters() / 1e6:.2f}M params, batch {train_cfg.batch_size}x{train_cfg.seq_len}, accum {train_cfg.grad_accum}, {dtype_name}",
         "peak": peak,
     }
