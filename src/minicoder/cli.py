@@ -240,6 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int)
     g.set_defaults(func=cmd_generate)
+    ex = sub.add_parser("export", help="export a model to other formats").add_subparsers(dest="export_command", required=True)
+    from .export import gguf
+
+    xg = ex.add_parser("gguf", help="GGUF for llama.cpp / Ollama: weights, tokenizer (with FIM tokens), chat template")
+    gguf.configure_parser(xg)
+    xg.set_defaults(func=gguf.run)
+
     from .chat import configure_parser as configure_chat
     from .server.cli import configure_serve_parser
 
