@@ -169,7 +169,15 @@ def main():
         f"| transformers LlamaForCausalLM, plain loop + fused AdamW | {fused_tps:,.0f} | {fused_gflops:.1f} | {100 * fused_gflops / peak['fp32']:.0f}% | {100 * fused_gflops / peak['bf16']:.0f}% |",
         "",
         f"**Ratio minicoder / transformers: {ours_tps / theirs_tps:.2f}x** (best of {args.rounds} alternating rounds, median step of {args.steps}); "
-        f"{ours_tps / fused_tps:.2f}x against the same loop with fused AdamW.",
+        f"{ours_tps / fused_tps:.2f}x against the same loop with fused AdamW" +
+        (f"; with `--compile true` {max(ours_compiled) / theirs_tps:.2f}x." if ours_compiled else "."),
+        "",
+        f"Reading: the transformers loop already runs at {100 * theirs_gflops / peak['fp32']:.0f}% of this CPU's fp32 matmul peak, "
+        f"so no loop can beat it by more than {peak['fp32'] / theirs_gflops:.2f}x here; the issue's 1.2x aim is met only where the "
+        "ratio above says so. Where minicoder gains: the fused AdamW kernel (one pass over memory instead of a Python loop "
+        "over tensors) and, with `--compile true`, inductor fusing the elementwise work (RMSNorm, RoPE, SwiGLU, residuals) "
+        "that makes up most of the non-matmul time. On a CPU without AVX-512 BF16 (`AVX-512 BF16 no` above) bf16 matmuls are "
+        f"emulated at {peak['bf16']:.0f} GFLOP/s, so `--dtype auto` trains in fp32 and the bf16-peak column exceeds 100%.",
         "",
     ]
     text = "\n".join(lines)

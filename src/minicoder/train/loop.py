@@ -226,8 +226,8 @@ def _train(model_cfg, cfg, data: Datasets, out_dir, ddp, resume, stop_after, pro
 
     if ddp.main:
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"model: {n_params / 1e6:.2f}M parameters; {len(train_data):,} training windows of {cfg.seq_len} tokens; "
-              f"{per_step * cfg.seq_len:,} tokens per step; dtype {'bf16 autocast' if amp else 'fp32'}; {ddp.world} process(es)")
+        print(f"model: {n_params / 1e6:.2f}M parameters; {len(train_data):,} training samples of up to {cfg.seq_len} tokens; "
+              f"{per_step} samples per step; dtype {'bf16 autocast' if amp else 'fp32'}; {ddp.world} process(es)")
     bar = tqdm(total=end_step, initial=start_step, desc="train", unit="step", disable=not (progress and ddp.main), dynamic_ncols=True)
     run_start = time.time()
     last_loss = last_val = None
