@@ -10,6 +10,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -33,6 +34,59 @@ eval_batches = 2
 save_interval = 4
 log_interval = 2
 """
+
+
+SAMPLE_CODE = '''
+def fibonacci(n):
+    """Return the n-th Fibonacci number."""
+    a, b = 0, 1
+    for _ in range(n):
+        a, b = b, a + b
+    return a
+
+
+class Greeter:
+    def __init__(self, name: str = "wörld"):
+        self.name = name
+
+    def greet(self) -> str:
+        return f"Hello, {self.name}! 你好 🙂"
+
+
+if __name__ == "__main__":
+    print(fibonacci(10), Greeter().greet())
+'''
+
+
+def save_tiny_tokenizer(path: Path) -> Path:
+    """A 400-token byte-level BPE tokenizer (minicoder's special tokens and chat template) trained on SAMPLE_CODE."""
+    from minicoder.tokenizer import save_tokenizer, train_tokenizer
+
+    save_tokenizer(train_tokenizer([SAMPLE_CODE] * 20, vocab_size=400), path)
+    return path
+
+
+def save_tiny_llama(path: Path, context: int = 512, tie_word_embeddings: bool = False) -> Path:
+    """A tiny random stock-transformers Llama with the tiny tokenizer, in one model directory."""
+    import transformers
+
+    save_tiny_tokenizer(path)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(transformers.AutoTokenizer.from_pretrained(path)), hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
+        bos_token_id=0, eos_token_id=1, tie_word_embeddings=tie_word_embeddings)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread; on a busy 2-core machine its barrier costs ms per op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def run_cli(*args: str, check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -11,48 +11,22 @@ import subprocess
 import sys
 
 import pytest
-import torch
-import transformers
 
 from minicoder.chat import ChatOptions, ChatSession, pick_mode, repl
 from minicoder.engine import Engine, EngineConfig, SamplingParams
-from minicoder.tokenizer import save_tokenizer, train_tokenizer
 
-CODE = '''
-def fibonacci(n):
-    """Return the n-th Fibonacci number."""
-    a, b = 0, 1
-    for _ in range(n):
-        a, b = b, a + b
-    return a
-
-
-class Greeter:
-    def greet(self, name: str = "world") -> str:
-        return f"Hello, {name}!"
-'''
-
+from conftest import save_tiny_llama
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("sft")
-    save_tokenizer(train_tokenizer([CODE] * 20, vocab_size=400), path)
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=len(transformers.AutoTokenizer.from_pretrained(path)), hidden_size=64, intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=0, eos_token_id=1)
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    path = save_tiny_llama(tmp_path_factory.mktemp("sft"))
     (path / "minicoder.json").write_text(json.dumps({"stage": "sft", "preset": "tiny"}))
     return path
 
 
 @pytest.fixture(scope="module")
-def engine(model_dir):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield Engine(model_dir, EngineConfig(max_num_seqs=1))
-    torch.set_num_threads(threads)
+def engine(model_dir, one_thread):
+    return Engine(model_dir, EngineConfig(max_num_seqs=1))
 
 
 def greedy(max_new_tokens=6, **kw) -> ChatOptions:

@@ -20,28 +20,11 @@ from minicoder.engine import (AsyncEngine, Engine, EngineConfig, PromptBuilder, 
 from minicoder.engine.detokenizer import IncrementalDetokenizer, StopStringFilter
 from minicoder.engine.kv_cache import KVCacheManager
 from minicoder.engine.request import Request
-from minicoder.tokenizer import Tokenizer, save_tokenizer, train_tokenizer
+from minicoder.tokenizer import Tokenizer
 
-CODE = '''
-def fibonacci(n):
-    """Return the n-th Fibonacci number."""
-    a, b = 0, 1
-    for _ in range(n):
-        a, b = b, a + b
-    return a
+from conftest import SAMPLE_CODE, save_tiny_llama, save_tiny_tokenizer
 
-
-class Greeter:
-    def __init__(self, name: str = "wörld"):
-        self.name = name
-
-    def greet(self) -> str:
-        return f"Hello, {self.name}! 你好 🙂"
-
-
-if __name__ == "__main__":
-    print(fibonacci(10), Greeter().greet())
-'''
+CODE = SAMPLE_CODE
 
 PROMPTS = [
     "def",
@@ -55,42 +38,21 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread; on a busy 2-core machine its barrier costs ms per op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tokenizer")
-    save_tokenizer(train_tokenizer([CODE] * 20, vocab_size=400), out)
-    return out
+    return save_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 def vocab_size(tokenizer_dir) -> int:
     return len(transformers.AutoTokenizer.from_pretrained(tokenizer_dir))
 
 
-def tiny_llama_dir(path, tokenizer_dir, tie_word_embeddings=False):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=vocab_size(tokenizer_dir), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=0, eos_token_id=1,
-        tie_word_embeddings=tie_word_embeddings,
-    )
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    for f in tokenizer_dir.iterdir():
-        shutil.copy(f, path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory, tokenizer_dir):
-    return tiny_llama_dir(tmp_path_factory.mktemp("llama"), tokenizer_dir)
+    return save_tiny_llama(tmp_path_factory.mktemp("llama"))
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +75,7 @@ def hf_greedy(model, engine: Engine, prompt_ids: list[int], max_new_tokens: int)
 @pytest.mark.parametrize("tied", [False, True])
 def test_greedy_single_request_matches_transformers(tied, llama_dir, hf_llama, tmp_path, tokenizer_dir):
     if tied:  # minicoder's own checkpoints tie the embeddings
-        llama_dir = tiny_llama_dir(tmp_path, tokenizer_dir, tie_word_embeddings=True)
+        llama_dir = save_tiny_llama(tmp_path, tie_word_embeddings=True)
         hf_llama = transformers.AutoModelForCausalLM.from_pretrained(llama_dir).eval()
     engine = make_engine(llama_dir)
     [out] = engine.generate([PROMPTS[3]], SamplingParams(max_new_tokens=24))

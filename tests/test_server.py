@@ -17,60 +17,26 @@ from types import SimpleNamespace
 import httpx
 import pytest
 import requests
-import torch
-import transformers
 import uvicorn
 from fastapi.testclient import TestClient
 
 from minicoder.engine import AsyncEngine, Engine, EngineConfig, SamplingParams
 from minicoder.server import ServerSettings, create_app
-from minicoder.tokenizer import save_tokenizer, train_tokenizer
 
-CODE = '''
-def fibonacci(n):
-    """Return the n-th Fibonacci number."""
-    a, b = 0, 1
-    for _ in range(n):
-        a, b = b, a + b
-    return a
+from conftest import save_tiny_llama
 
-
-class Greeter:
-    def __init__(self, name: str = "world"):
-        self.name = name
-
-    def greet(self) -> str:
-        return f"Hello, {self.name}!"
-
-
-if __name__ == "__main__":
-    print(fibonacci(10), Greeter().greet())
-'''
 CONTEXT = 512
 MODEL = "tiny"
 TOO_LONG = "x = 1\n" * 400  # more tokens than the context
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model gains nothing from a second thread on a busy machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny random Llama with a byte-level BPE tokenizer (minicoder's special tokens and chat template)."""
-    path = tmp_path_factory.mktemp(MODEL)
-    save_tokenizer(train_tokenizer([CODE] * 20, vocab_size=400), path)
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=len(transformers.AutoTokenizer.from_pretrained(path)), hidden_size=64, intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT,
-        bos_token_id=0, eos_token_id=1)
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp(MODEL), context=CONTEXT)
 
 
 def make_app(model_dir, settings: ServerSettings | None = None, **engine_config):
