@@ -24,6 +24,34 @@ def test_checkpoint_logits_equal_transformers(tiny_trained):
     assert diff < 1e-4
 
 
+def test_linear_rope_scaling_equals_transformers(tmp_path):
+    """DeepSeek-Coder 1.3B/6.7B checkpoints carry `rope_scaling: {type: linear, factor: 4}` (transformers 4.x spelling)."""
+    import json
+
+    from transformers import LlamaConfig
+    from transformers import LlamaForCausalLM as HFLlama
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=256)
+    config.rope_parameters = {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
+    HFLlama(config).save_pretrained(tmp_path)
+    spec = json.loads((tmp_path / "config.json").read_text())
+    spec.pop("rope_parameters")
+    spec.update(rope_scaling={"type": "linear", "factor": 4.0}, rope_theta=10000.0)
+    (tmp_path / "config.json").write_text(json.dumps(spec))
+    theirs = HFLlama.from_pretrained(tmp_path).eval()
+    ours = LlamaForCausalLM.from_pretrained(tmp_path)
+    assert ours.config.rope_linear_factor == 4.0
+    ids = torch.randint(0, 300, (1, 120))
+    with torch.no_grad():
+        assert (ours(ids) - theirs(ids).logits).abs().max().item() < 1e-4
+    ours.save_pretrained(tmp_path / "again")  # and it round-trips through minicoder's own config.json
+    again = HFLlama.from_pretrained(tmp_path / "again").eval()
+    with torch.no_grad():
+        assert (ours(ids) - again(ids).logits).abs().max().item() < 1e-4
+
+
 def test_kv_cache_matches_full_forward():
     torch.manual_seed(0)
     model = LlamaForCausalLM(ModelConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

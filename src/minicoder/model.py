@@ -36,6 +36,7 @@ class ModelConfig:
     max_position_embeddings: int = 1024
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_linear_factor: float = 1.0  # linear RoPE scaling (DeepSeek-Coder 1.3B/6.7B use 4.0): positions / factor
     tie_word_embeddings: bool = True
     bos_token_id: int = 0
     eos_token_id: int = 1
@@ -63,6 +64,10 @@ class ModelConfig:
     # --- Hugging Face config.json -------------------------------------------------------------
     def to_hf_dict(self) -> dict:
         d = asdict(self)
+        del d["rope_linear_factor"]
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_linear_factor != 1.0:
+            rope = {"rope_type": "linear", "factor": self.rope_linear_factor, "rope_theta": self.rope_theta}
         d.update(
             architectures=["LlamaForCausalLM"],
             model_type="llama",
@@ -76,7 +81,7 @@ class ModelConfig:
             use_cache=True,
             torch_dtype="float32",
             # transformers >= 5 reads rope_parameters; older versions read rope_theta (kept above).
-            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+            rope_parameters=rope,
         )
         return d
 
@@ -85,8 +90,11 @@ class ModelConfig:
         d = dict(d)
         if "rope_theta" not in d and isinstance(d.get("rope_parameters"), dict):
             d["rope_theta"] = d["rope_parameters"].get("rope_theta", 10000.0)
-        rope_type = (d.get("rope_parameters") or d.get("rope_scaling") or {}).get("rope_type", "default")
-        if rope_type not in ("default", None):
+        rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))  # transformers 4.x wrote "type"
+        if rope_type == "linear":
+            d["rope_linear_factor"] = float(rope["factor"])
+        elif rope_type not in ("default", None):
             raise UnsupportedModel(f"rope_type {rope_type!r} is not supported by the native model")
         if d.get("head_dim") not in (None, d["hidden_size"] // d["num_attention_heads"]):
             raise UnsupportedModel("head_dim != hidden_size / num_attention_heads is not supported by the native model")
@@ -116,7 +124,7 @@ def rope_tables(config: ModelConfig, positions: torch.Tensor) -> tuple[torch.Ten
     """cos/sin for each position, shape positions.shape + (head_dim,), in the rotate_half layout."""
     hd = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=positions.device) / hd))
-    angles = positions.float()[..., None] * inv_freq
+    angles = (positions.float() / config.rope_linear_factor)[..., None] * inv_freq
     emb = torch.cat([angles, angles], dim=-1)
     return emb.cos(), emb.sin()
 

@@ -237,6 +237,9 @@ def write_hparams(writer, config: ModelConfig, name: str, file_type) -> None:
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_rope_dimension_count(config.head_dim)
+    if config.rope_linear_factor != 1.0:  # as llama.cpp's converter writes DeepSeek-Coder's linear scaling
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(config.rope_linear_factor)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(file_type)
