@@ -15,6 +15,7 @@ from tqdm import tqdm
 from ..errors import MinicoderError
 from ..model import LlamaForCausalLM
 from ..tokenizer import Tokenizer
+from ..train.checkpoint import read_training_info
 from ..train.data import TokenWindows
 from ..train.loop import loss_fn
 
@@ -23,7 +24,9 @@ from ..train.loop import loss_fn
 def heldout_loss(model_dir: str | Path, data_dir: str | Path, seq_len: int | None = None, batch_size: int = 8,
                  max_windows: int | None = None, progress: bool = True) -> dict:
     model = LlamaForCausalLM.from_pretrained(model_dir)
-    data = TokenWindows(data_dir, "val", seq_len or min(1024, model.config.max_position_embeddings))
+    # Default: the length the model was trained at (longer windows would measure extrapolation, not fit).
+    seq_len = seq_len or read_training_info(model_dir).get("seq_len") or min(1024, model.config.max_position_embeddings)
+    data = TokenWindows(data_dir, "val", seq_len)
     if Tokenizer(model_dir).fingerprint() != data.meta.get("tokenizer_fingerprint"):
         raise MinicoderError(f"{data_dir}: packed with a different tokenizer than {model_dir} (fingerprints differ)")
     n = min(len(data), max_windows) if max_windows else len(data)

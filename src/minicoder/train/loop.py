@@ -280,7 +280,7 @@ def _train(model_cfg, cfg, data: Datasets, out_dir, ddp, resume, stop_after, pro
                 bar.write(f"step {done}: val_loss {record['val_loss']:.4f}" +
                           (f" val_bpb {record['val_bpb']:.4f}" if "val_bpb" in record else ""))
         tokens_trained += step_tokens
-        info = {**run_info, "steps": done, "tokens_trained": tokens_trained,
+        info = {**run_info, "steps": done, "tokens_trained": tokens_trained, "seq_len": cfg.seq_len,
                 **({"val_loss": last_val["val_loss"], "val_bpb": last_val.get("val_bpb")} if last_val else {})}
         if done % cfg.save_interval == 0 or done == end_step:
             if ddp.main:
