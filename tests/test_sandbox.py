@@ -18,10 +18,11 @@ from minicoder.sandbox import (
     Limits,
     PersistentSession,
     SandboxResult,
+    busiest_sandbox_uid,
     isolation_info,
     run_many,
     run_python,
-    sandbox_processes,
+    stray_processes,
 )
 
 AS_ROOT = os.geteuid() == 0
@@ -33,7 +34,7 @@ FAST = Limits(timeout_s=2, cpu_s=2, memory_mb=512, max_processes=16, max_output_
 @pytest.fixture(autouse=True)
 def nothing_left_behind():
     yield
-    assert sandbox_processes() == []
+    assert stray_processes() == []  # runs of other host processes (an evaluation beside the tests) may be live
 
 
 # ---------------------------------------------------------------------------------------------- normal use
@@ -141,7 +142,7 @@ def test_fork_bomb_is_contained():
     def watch():  # the host keeps running while the bomb goes off, and counts the bomb's processes
         last = time.monotonic()
         while not done.is_set():
-            peak[0] = max(peak[0], len(sandbox_processes()))
+            peak[0] = max(peak[0], busiest_sandbox_uid())
             now = time.monotonic()
             gaps[0], last = max(gaps[0], now - last), now
             time.sleep(0.02)
@@ -158,7 +159,7 @@ def test_fork_bomb_is_contained():
     # RLIMIT_NPROC holds: it forked, but only so far (+1: the launcher's helper that kills them as their uid)
     assert 1 < peak[0] <= limits.max_processes + 1
     assert gaps[0] < 1.0  # the host stayed responsive
-    assert sandbox_processes() == []  # every child is gone, including the ones that called setsid
+    assert stray_processes() == []  # every child is gone, including the ones that called setsid
     assert run_python("print('fine')", limits=FAST).stdout == "fine\n"
 
 
@@ -166,7 +167,7 @@ def test_background_processes_die_with_the_program():
     code = "import subprocess\nsubprocess.Popen(['sleep', '60'], start_new_session=True)\nprint('spawned')"
     r = run_python(code, limits=FAST)
     assert (r.status, r.stdout) == ("ok", "spawned\n") and r.duration_s < 2
-    assert sandbox_processes() == []
+    assert stray_processes() == []
 
 
 def test_memory_bomb_is_stopped():
@@ -341,7 +342,7 @@ def test_session_timeout_restarts_the_worker():
         r = session.run("while True:\n    pass")
         assert r.status == "timeout" and r.state_lost and "state is lost" in r.stderr
         assert time.monotonic() - started < 2.5
-        assert sandbox_processes() == []
+        assert stray_processes() == []
         after = session.run("print('x' in globals(), round(derivative(lambda t: t * t, 3.0), 3))")
         assert after.status == "ok" and not after.state_lost
         assert after.stdout == "False 6.0\n"  # fresh globals, but the setup (the tools) is back

@@ -39,6 +39,7 @@ from __future__ import annotations
 import atexit
 import fcntl
 import functools
+from collections import Counter
 import grp
 import json
 import os
@@ -371,6 +372,30 @@ def processes_of_uid(uid: int) -> list[int]:
 def sandbox_processes() -> list[int]:
     """Pids running under any sandbox uid: after every run has ended this should be empty."""
     return [pid for pid, (owner, _) in _process_table().items() if UID_BASE <= owner < UID_BASE + UID_COUNT]
+
+
+def busiest_sandbox_uid() -> int:
+    """The process count of the sandbox uid with the most processes (one run's share, whatever else runs)."""
+    counts = Counter(owner for owner, _ in _process_table().values() if UID_BASE <= owner < UID_BASE + UID_COUNT)
+    return max(counts.values(), default=0)
+
+
+def stray_processes() -> list[int]:
+    """Pids under sandbox uids that no run holds right now (another host process's live runs do not count):
+    what a finished run would have leaked."""
+    if not _is_root():
+        return sandbox_processes()
+    strays = []
+    for pid, (owner, _) in _process_table().items():
+        if not UID_BASE <= owner < UID_BASE + UID_COUNT:
+            continue
+        with open(os.path.join(_lock_dir(), f"{owner}.lock"), "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free to take: no run owns this uid
+            except BlockingIOError:
+                continue
+            strays.append(pid)  # closing the file drops the lock again
+    return strays
 
 
 def _threads_of_uid(uid: int) -> int:
