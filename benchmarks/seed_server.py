@@ -79,6 +79,8 @@ def parse(json_post: dict):
     )
     if json_post.get("min_new_tokens"):
         kwargs["min_new_tokens"] = json_post["min_new_tokens"]
+    if isinstance(model_input, str):
+        kwargs["return_full_text"] = False
     return prompt, history, model_input, kwargs
 
 
@@ -92,7 +94,7 @@ async def create_item(request: Request):
     json_post = await request.json()
     prompt, history, model_input, kwargs = parse(json_post)
     with generate_lock:
-        model_output = generator(model_input, return_full_text=False, **kwargs)
+        model_output = generator(model_input, **kwargs)
     response = reply_text(model_output)
     history.append([prompt, response])
     now = datetime.datetime.now()
@@ -131,7 +133,7 @@ async def stream_item(request: Request):
     def run():
         try:
             with generate_lock:
-                generator(model_input, return_full_text=False, streamer=streamer, **kwargs)
+                generator(model_input, streamer=streamer, **kwargs)
         finally:
             streamer.queue.put(None)
 
