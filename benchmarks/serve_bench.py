@@ -50,9 +50,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from minicoder.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
 from minicoder.model import LlamaForCausalLM, ModelConfig  # noqa: E402
+from train_throughput import cpu_name  # noqa: E402  (one copy of the machine-name probe)
 
 PY = sys.executable
 LLAMA_BIN = ROOT / "build" / "llamacpp" / "bin"
@@ -91,16 +93,6 @@ def prompt_text(i: int) -> str:
 
 
 # --- machine and versions ------------------------------------------------------------------------------
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
 
 def versions() -> dict:
     import httpx
