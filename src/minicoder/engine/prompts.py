@@ -1,4 +1,5 @@
-"""Prompts for the four inference tasks: completion, fill-in-the-middle, repository-level completion, chat.
+"""Prompts for the inference tasks: completion, fill-in-the-middle (alone or with other files of the
+repository before it, within a token budget), repository-level completion, chat.
 
 The FIM format is found from the tokenizer's special tokens, so one server builds the right prompt for
 minicoder, DeepSeek-Coder, StarCoder, Qwen2.5-Coder or CodeLlama. Control tokens go in as ids; the
@@ -32,6 +33,16 @@ FIM_FORMATS = (
 
 # Qwen2.5-Coder's repository format; others get path-header comments as in minicoder's training data.
 REPO_NAME, FILE_SEP = "<|repo_name|>", "<|file_sep|>"
+REPO_TOKENS = ((REPO_NAME, FILE_SEP), ("<repo_name>", "<file_sep>"))  # Qwen2.5-Coder, StarCoder2
+
+
+@dataclass
+class InfillPrompt:
+    """A fill-in-the-middle prompt with repository context, and what the token budget left out."""
+
+    ids: list[int]
+    files_used: int  # how many of the context files made it into the prompt (the last ones)
+    truncated: bool  # the prefix or suffix was cut, or context files were left out, to fit the budget
 
 
 def find_fim_format(vocab: Mapping[str, int]) -> FimFormat | None:
@@ -70,6 +81,69 @@ class PromptBuilder:
         return [*self.start_ids, vocab[fmt.prefix], *self.text(prefix), vocab[fmt.suffix], *self.text(suffix),
                 vocab[fmt.middle]]
 
+    def repo_tokens(self) -> tuple[str, str] | None:
+        """(repo-name token, file-separator token) when the tokenizer has a repository format."""
+        return next((pair for pair in REPO_TOKENS if all(t in self.vocab for t in pair)), None)
+
+    def infill(self, prefix: str, suffix: str, files: list[tuple[str, str]] = (), path: str | None = None,
+               repo_name: str = "", budget: int | None = None, cut_code: bool = True) -> InfillPrompt:
+        """Fill in the middle of file `path` between `prefix` and `suffix`, with other repository `files`
+        (path, text) before it, most relevant last. Context comes first, so successive requests from one
+        file share a long prompt prefix (the prefix cache reuses it).
+
+        Layouts: with repository tokens (Qwen2.5-Coder, StarCoder2)
+            <repo_name>name <file_sep>path\ntext ... <file_sep>path\n <PRE>prefix <SUF>suffix <MID>
+        otherwise (minicoder, DeepSeek-Coder, CodeLlama): path-header comments inside the prefix, as in
+        repository-level training data with fill-in-the-middle applied to the whole document
+            <PRE>#a.py\ntext ... #path\nprefix <SUF>suffix <MID>
+
+        `budget`: most prompt tokens. Over it, context files are left out (least relevant first), and
+        with `cut_code` the prefix loses its start and the suffix its end (3:1 as llama.cpp's server
+        splits them); without, the prompt may stay over the budget (the caller rejects it).
+        """
+        fmt = self.fim_format
+        if fmt is None:
+            raise ValueError("this tokenizer has no fill-in-the-middle tokens")
+        vocab, repo = self.vocab, self.repo_tokens()
+        pre, suf, mid = vocab[fmt.prefix], vocab[fmt.suffix], vocab[fmt.middle]
+        if repo is not None:
+            name_id, sep = vocab[repo[0]], vocab[repo[1]]
+            head = [name_id, *self.text(f"{repo_name}\n")] if files or path else []
+            blocks = [[sep, *self.text(f"{p}\n" if p else ""), *self.text(f"{text.rstrip()}\n")] for p, text in files]
+            current = [sep, *self.text(f"{path}\n" if path else "")] if files or path else []
+            before, after = [*self.start_ids, *head], [*current, pre]
+        else:
+            from ..data.corpus import path_header  # the training data's own header format
+            from ..data.sources import language_of
+
+            def header(p: str) -> str:
+                return f"{path_header(p, language_of(p) or '')}\n" if p else ""
+
+            blocks = [self.text(f"{header(p)}{text.rstrip()}\n\n") for p, text in files]
+            current = self.text(header(path)) if path and files else []
+            before, after = [*self.start_ids, pre], current
+        prefix_ids, suffix_ids = self.text(prefix), self.text(suffix)
+        fixed = len(before) + len(after) + 2  # + <SUF> and <MID>
+        truncated = False
+        if cut_code and budget is not None and fixed + len(prefix_ids) + len(suffix_ids) > budget:
+            room = max(budget - fixed, 0)
+            keep_suffix = min(len(suffix_ids), max(room // 4, room - len(prefix_ids)))
+            keep_prefix = min(len(prefix_ids), room - keep_suffix)
+            prefix_ids = prefix_ids[len(prefix_ids) - keep_prefix :] if keep_prefix else []
+            suffix_ids = suffix_ids[:keep_suffix]
+            truncated = True
+        room = None if budget is None else max(budget - fixed - len(prefix_ids) - len(suffix_ids), 0)
+        used: list[list[int]] = []
+        for block in reversed(blocks):  # most relevant (last) first
+            if room is not None and len(block) > room:
+                truncated = True
+                break
+            used.insert(0, block)
+            room = None if room is None else room - len(block)
+        context = [t for block in used for t in block]
+        ids = [*before, *context, *after, *prefix_ids, suf, *suffix_ids, mid]
+        return InfillPrompt(ids, len(used), truncated)
+
     def repository(self, files: list[tuple[str, str]], path: str, code: str, repo_name: str = "") -> list[int]:
         """Complete `code` of file `path`, with the repository's other `files` (path, text) before it,
         dependencies first, each under a path header (DeepSeek-Coder repository-level completion)."""
@@ -86,9 +160,13 @@ class PromptBuilder:
         blocks.append(f"{path_header(path, language_of(path) or '')}\n{code}")
         return [*self.start_ids, *self.text("\n".join(blocks))]
 
+    @property
+    def chat_template(self) -> str:
+        """The tokenizer's chat template, or DeepSeek-Coder-instruct's layout when it has none."""
+        return self.tokenizer.chat_template or CHAT_TEMPLATE
+
     def chat(self, messages: list[dict[str, str]]) -> list[int]:
         """The tokenizer's chat template (DeepSeek-Coder-instruct style when it has none), ready for the reply."""
-        template = None if self.tokenizer.chat_template else CHAT_TEMPLATE
-        text = self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+        text = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
                                                   add_generation_prompt=True)
         return self.tokenizer.encode(text, add_special_tokens=False)

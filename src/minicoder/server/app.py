@@ -36,6 +36,7 @@ from pydantic import BaseModel
 from ..engine import AsyncEngine, QueueFull, SamplingParams
 from ..engine import TokenLogprob as EngineLogprob
 from .cli import configure_serve_parser, run_serve  # noqa: F401  (`minicoder serve`, re-exported)
+from .clients import fim_context, include_client_routers
 from .errors import APIError, install_error_handlers
 from .generation import Generation
 from .metrics import ServerMetrics
@@ -61,6 +62,8 @@ class ServerSettings:
     model_name: str = "minicoder"  # the name clients send as `model` (and /v1/models lists)
     api_key: str | None = None  # when set, every route but /health and /metrics needs `Authorization: Bearer KEY`
     completion_max_tokens: int = 16  # /v1/completions without max_tokens (OpenAI's default); chat: what fits
+    repo: str | None = None  # a repository to index: its most relevant snippets go into fill-in-the-middle prompts
+    repo_context_tokens: int = 1024  # most prompt tokens those snippets take
 
 
 def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> FastAPI:
@@ -75,6 +78,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
             yield
         finally:
             sampler.cancel()
+            server.fim.close()
             await engine.close()
 
     app = FastAPI(title="minicoder", version="0.1.0", lifespan=lifespan,
@@ -83,6 +87,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
     install_error_handlers(app)
     app.include_router(server.open_routes())
     app.include_router(server.generation_routes())
+    include_client_routers(app, server)
     return app
 
 
@@ -96,6 +101,7 @@ class _Server:
         self.context = engine.engine.max_request_tokens  # prompt + completion tokens of one request
         self.started = int(time.time())
         self._token_text: dict[int, str] = {}
+        self.fim = fim_context(self.prompts, self.context, settings)
 
     # --- routes ------------------------------------------------------------------------------------
     def open_routes(self) -> APIRouter:
@@ -321,10 +327,11 @@ class _Server:
                     raise APIError(f"prompt token ids must be below the vocabulary size {vocab_size}", param="prompt")
                 text = self.tokenizer.decode(prompt, skip_special_tokens=True)
             if body.suffix is not None:
-                if self.prompts.fim_format is None:
-                    raise APIError("this model's tokenizer has no fill-in-the-middle tokens", param="suffix",
-                                   code="unsupported")
-                out.append((text, self.prompts.fim(text, body.suffix)))
+                files = [(f.filename, f.text) for f in body.input_extra or []]
+                reserve = _or(body.max_tokens, self.settings.completion_max_tokens)
+                out.append((text, self.fim.prompt(text, body.suffix, files, reserve=reserve, cut_code=False).ids))
+            elif body.input_extra:
+                raise APIError("input_extra needs suffix (it is context for fill-in-the-middle)", param="input_extra")
             else:
                 out.append((text, self.prompts.completion(prompt) if isinstance(prompt, str) else list(prompt)))
         return out
@@ -459,8 +466,8 @@ class EventStream(StreamingResponse):
     """Server-sent events that always run `on_close` (cancelling unfinished engine requests) however the
     response ends: finished, client gone before or during the stream, or send failed."""
 
-    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None]):
-        super().__init__(events, media_type="text/event-stream",
+    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None], media_type: str = "text/event-stream"):
+        super().__init__(events, media_type=media_type,
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.on_close = on_close
 

@@ -25,6 +25,10 @@ def configure_serve_parser(parser: argparse.ArgumentParser):
     parser.add_argument("--max-waiting", type=int, default=256,
                         help="waiting-queue bound; beyond it requests get HTTP 429 (default 256)")
     parser.add_argument("--kv-cache-gb", type=float, default=2.0, help="memory for the KV cache (default 2 GB)")
+    parser.add_argument("--repo", metavar="DIR", help="index this repository (BM25 over code chunks, refreshed when "
+                        "files change): its most relevant snippets go into fill-in-the-middle prompts")
+    parser.add_argument("--repo-context-tokens", type=int, default=1024,
+                        help="most prompt tokens the --repo snippets take (default 1024, at most half the context)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -39,6 +43,10 @@ def run_serve(args: argparse.Namespace):
         value = getattr(args, name)
         if value is not None and value < minimum:
             raise MinicoderError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
+    if args.repo is not None and not Path(args.repo).expanduser().is_dir():
+        raise MinicoderError(f"--repo {args.repo}: not a directory")
+    if args.repo_context_tokens < 0:
+        raise MinicoderError(f"--repo-context-tokens must be at least 0, got {args.repo_context_tokens}")
     if args.kv_cache_gb <= 0:
         raise MinicoderError(f"--kv-cache-gb must be positive, got {args.kv_cache_gb}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -47,7 +55,8 @@ def run_serve(args: argparse.Namespace):
                           kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)))
     engine = AsyncEngine.from_pretrained(args.model, config)
     name = args.served_model_name or Path(args.model).resolve().name
-    app = create_app(engine, ServerSettings(model_name=name, api_key=args.api_key))
+    app = create_app(engine, ServerSettings(model_name=name, api_key=args.api_key, repo=args.repo,
+                                            repo_context_tokens=args.repo_context_tokens))
     log.info("serving %s as %r on http://%s:%d (backend %s, context %d tokens)%s", args.model, name, args.host,
              args.port, engine.engine.backend, engine.engine.max_request_tokens,
              "; API key required" if args.api_key else "")

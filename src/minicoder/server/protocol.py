@@ -54,6 +54,16 @@ class SamplingFields(StrictModel):
 TokenIds = list[Annotated[int, Field(ge=0)]]
 
 
+class ExtraFile(BaseModel):
+    """A file (or a chunk of one) of the repository, as llama.cpp's server takes it in `input_extra`.
+    Other keys clients add (llama.vim's `time`) are ignored, as llama-server ignores them."""
+
+    filename: str = Field("", description="Its path in the repository, written in its header in the prompt.")
+    text: str = Field(description="Its text.")
+
+    model_config = ConfigDict(strict=True)
+
+
 class CompletionRequest(SamplingFields):
     """`POST /v1/completions`: continue a prompt, or fill in the middle between `prompt` and `suffix`."""
 
@@ -65,6 +75,8 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str] | TokenIds | list[TokenIds] = Field(
         description="Text, a list of texts, token ids, or a list of token-id lists.")
     suffix: str | None = Field(None, description="Text after the hole: fill-in-the-middle with the model's FIM tokens.")
+    input_extra: list[ExtraFile] | None = Field(None, description="With suffix: other files of the repository, "
+                                                "put before the code in the prompt (most relevant last).")
     echo: bool | None = Field(None, description="Put the prompt before each choice's text.")
     logprobs: int | None = Field(None, ge=0, le=20, description="Log-probabilities of the chosen tokens and the "
                                  "`logprobs` most likely ones.")
