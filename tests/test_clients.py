@@ -5,6 +5,7 @@ server, Tabby's agent requests, vLLM's tokenizer routes as lm-eval's remote toke
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -361,3 +362,15 @@ def test_repo_index_unit(tmp_path):
 def test_serve_repo_flag_errors(tmp_path):
     proc = run_cli("serve", str(tmp_path), "--repo", str(tmp_path / "missing"))
     assert proc.returncode == 2 and "--repo" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_cut_prefix_stays_put_while_the_user_types(client):
+    """Over the budget, the prefix loses whole lines from its start in steps, so typing on the last line
+    does not move the cut (which would change every token after it and miss the prefix cache)."""
+    prompts = prompts_of(client)
+    body = "".join(f"value_{i} = compute({i})\n" for i in range(200))
+    a = prompts.infill(body + "res", "\n", budget=300)
+    b = prompts.infill(body + "result = ", "\n", budget=300)
+    assert a.truncated and b.truncated and len(a.ids) <= 300 and len(b.ids) <= 300
+    start = prompts.text("".join(body.splitlines(keepends=True)[-5:]))  # near the end: kept in both
+    assert len(os.path.commonprefix([a.ids, b.ids])) >= len(a.ids) - len(start) - 4

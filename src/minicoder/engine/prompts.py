@@ -34,6 +34,7 @@ FIM_FORMATS = (
 # Qwen2.5-Coder's repository format; others get path-header comments as in minicoder's training data.
 REPO_NAME, FILE_SEP = "<|repo_name|>", "<|file_sep|>"
 REPO_TOKENS = ((REPO_NAME, FILE_SEP), ("<repo_name>", "<file_sep>"))  # Qwen2.5-Coder, StarCoder2
+PREFIX_CUT_LINES = 16  # a prefix over the budget loses its first lines in steps of this many
 
 
 @dataclass
@@ -128,8 +129,7 @@ class PromptBuilder:
         if cut_code and budget is not None and fixed + len(prefix_ids) + len(suffix_ids) > budget:
             room = max(budget - fixed, 0)
             keep_suffix = min(len(suffix_ids), max(room // 4, room - len(prefix_ids)))
-            keep_prefix = min(len(prefix_ids), room - keep_suffix)
-            prefix_ids = prefix_ids[len(prefix_ids) - keep_prefix :] if keep_prefix else []
+            prefix_ids = self._cut_prefix(prefix, prefix_ids, room - keep_suffix)
             suffix_ids = suffix_ids[:keep_suffix]
             truncated = True
         room = None if budget is None else max(budget - fixed - len(prefix_ids) - len(suffix_ids), 0)
@@ -143,6 +143,19 @@ class PromptBuilder:
         context = [t for block in used for t in block]
         ids = [*before, *context, *after, *prefix_ids, suf, *suffix_ids, mid]
         return InfillPrompt(ids, len(used), truncated)
+
+    def _cut_prefix(self, prefix: str, ids: list[int], keep: int) -> list[int]:
+        """At most `keep` tokens of the prefix's end. Whole lines are dropped from its start, in steps of
+        PREFIX_CUT_LINES: while the user types, the cut stays put, so the prompt up to the cursor keeps
+        its cached prefix (a cut moving by a token per keystroke would change every token after it)."""
+        if len(ids) <= keep:
+            return ids
+        lines = prefix.splitlines(keepends=True)
+        for drop in range(PREFIX_CUT_LINES, len(lines), PREFIX_CUT_LINES):
+            kept = self.text("".join(lines[drop:]))
+            if len(kept) <= keep:
+                return kept
+        return ids[len(ids) - keep :] if keep > 0 else []  # one long line: cut tokens
 
     def repository(self, files: list[tuple[str, str]], path: str, code: str, repo_name: str = "") -> list[int]:
         """Complete `code` of file `path`, with the repository's other `files` (path, text) before it,
