@@ -6,14 +6,11 @@ server, Tabby's agent requests, vLLM's tokenizer routes as lm-eval's remote toke
 from __future__ import annotations
 
 import os
-import socket
-import threading
 import time
 from types import SimpleNamespace
 
 import pytest
 import requests
-import uvicorn
 from fastapi.testclient import TestClient
 
 from minicoder.engine import AsyncEngine, Engine, EngineConfig, SamplingParams
@@ -21,7 +18,7 @@ from minicoder.server import ServerSettings, create_app
 from minicoder.server.llamacpp import LineGuard, pick_fields
 from minicoder.server.repo_index import RepoIndex, chunk_file, code_terms
 
-from conftest import run_cli, save_tiny_llama
+from conftest import run_cli, save_tiny_llama, serve_in_thread
 
 MODEL = "tiny"
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -67,20 +64,9 @@ def greedy(engine: Engine, ids: list[int], n: int) -> str:
 def server(model_dir, repo):
     """A real uvicorn server (with --repo) on a free port, in a thread."""
     app = create_app(AsyncEngine(Engine(model_dir, EngineConfig())), ServerSettings(model_name=MODEL, repo=str(repo)))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not uv.started:
-        assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
     state = app.state.server
-    yield SimpleNamespace(url=f"http://127.0.0.1:{sock.getsockname()[1]}", state=state, engine=state.engine.engine)
-    uv.should_exit = True
-    thread.join(10)
-    sock.close()
+    with serve_in_thread(app) as url:
+        yield SimpleNamespace(url=url, state=state, engine=state.engine.engine)
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +163,7 @@ def test_infill_cuts_what_does_not_fit(client):
 @pytest.mark.parametrize("body, param", [
     ({"n_predict": 512}, "n_predict"), ({"n_predict": -3}, "n_predict"), ({"input_extra": [{"filename": "a"}]},
                                                                           "input_extra.0.text"),
-    ({"top_p": 0}, "top_p"), ({"input_prefix": 3}, "input_prefix")])
+    ({"top_p": 0}, "top_p"), ({"input_prefix": 3}, "input_prefix"), ({"grammar": "root ::= [a-z]+"}, "grammar")])
 def test_infill_bad_input(client, body, param):
     r = client.post("/infill", json=body)
     assert r.status_code == 400 and r.json()["error"]["param"] == param
@@ -258,6 +244,9 @@ def test_ollama_errors(ollama_client, server):
     with pytest.raises(ollama.ResponseError) as e:
         ollama_client.chat(model=MODEL, messages=[{"role": "user", "content": "hi"}], format="json")
     assert e.value.status_code == 400 and "format" in e.value.error
+    with pytest.raises(ollama.ResponseError) as e:
+        ollama_client.generate(model=MODEL, prompt="x = ", suffix="\n", system="Be brief.")
+    assert e.value.status_code == 400 and "system" in e.value.error
     r = requests.post(server.url + "/api/generate", json={"model": MODEL, "prompt": "hi", "keep_alive": "soon"})
     assert r.status_code == 400 and r.json()["error"].startswith("keep_alive")
 

@@ -42,7 +42,9 @@ DEFAULT_RESERVE = 256  # completion room kept when n_predict is -1 (as long as t
 
 
 class InfillRequest(StrictModel):
-    model_config = {"json_schema_extra": {"examples": [
+    """Fields llama-server has and minicoder does not (`grammar`, `n_probs`, `lora`, `mirostat`...) are a 400."""
+
+    model_config = {"extra": "forbid", "json_schema_extra": {"examples": [
         {"input_prefix": "def add(a, b):\n", "input_suffix": "\n\nprint(add(1, 2))\n", "prompt": "    return",
          "input_extra": [{"filename": "util.py", "text": "def sub(a, b):\n    return a - b\n"}],
          "n_predict": 32, "temperature": 0}]}}

@@ -230,7 +230,10 @@ def router(server) -> APIRouter:
 
     @api.post("/api/show", summary="A model's details (Ollama's API)")
     async def show(body: dict) -> dict:
-        ollama.check_model(body.get("model") or body.get("name"))
+        name = body.get("model") or body.get("name")
+        if not isinstance(name, str):
+            raise APIError("model is required", param="model")
+        ollama.check_model(name)
         facts = ollama.facts
         return {"modelfile": f"# served by minicoder\nFROM {server.engine.engine.model_path}\n", "parameters": "",
                 "template": server.prompts.chat_template, "details": facts.details(),
@@ -285,6 +288,8 @@ class Ollama:
             raise APIError("template is not supported: the model's own chat template is used", param="template")
         if body.raw and (body.system or body.suffix is not None):
             raise APIError("raw prompts take no system or suffix", param="raw")
+        if body.suffix is not None and body.system:
+            raise APIError("system does not apply to fill-in-the-middle (suffix)", param="system")
         if not body.prompt and body.suffix is None and not body.context:
             return {"model": body.model, "created_at": now_iso(), "response": "", "done": True, "done_reason": "load"}
         opts = body.options or Options()

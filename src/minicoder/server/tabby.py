@@ -54,9 +54,10 @@ class Segments(StrictModel):
 
 
 class TabbyCompletionRequest(StrictModel):
-    language: str | None = Field(None, description="The file's language (the prompt's path header says it too).")
+    language: str | None = Field(None, description="Accepted, not used: the path header written from "
+                                 "segments.filepath tells the model the language.")
     segments: Segments
-    user: str | None = None
+    user: str | None = Field(None, description="Accepted (Tabby's user id), not used.")
     temperature: float | None = Field(None, ge=0)
     seed: int | None = Field(None, ge=0, lt=1 << 64)
     max_tokens: int | None = Field(None, ge=1, description=f"Most tokens (default {MAX_TOKENS}).")
