@@ -21,7 +21,13 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-install: $(BIN)/.installed
+# Tabby's editor agent (npm), driven by tests/test_clients.py as a real Tabby client.
+TABBY_AGENT := build/npm/node_modules/tabby-agent/dist/cli.js
+$(TABBY_AGENT):
+	command -v npm >/dev/null || (apt-get update -qq && apt-get install -y -qq nodejs npm)
+	npm install --silent --no-audit --no-fund --prefix build/npm tabby-agent@1.5.0
+
+install: $(BIN)/.installed $(TABBY_AGENT)
 
 demo: install
 	@start=$$(date +%s); set -e; rm -rf $(DEMO); \

@@ -1,12 +1,15 @@
 """The APIs editors and harnesses speak, tried with their own clients or their exact request shapes:
 llama.cpp's /infill as llama.vim and llama.vscode send it, the real `ollama` client against a uvicorn
-server, Tabby's agent requests, vLLM's tokenizer routes as lm-eval's remote tokenizer calls them,
+server, Tabby's request body and Tabby's own agent (npm `tabby-agent`, over its JSON-lines stdio protocol), vLLM's tokenizer routes as lm-eval's remote tokenizer calls them,
 `input_extra` on /v1/completions, and `--repo` context (BM25) reaching the prompt, refreshed on change."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -143,8 +146,6 @@ def test_infill_stream_equals_the_full_answer(client):
     body = {"input_prefix": "class Greeter:\n", "input_suffix": "\n", "prompt": "    def", "n_predict": 12,
             "temperature": 0}
     full = client.post("/infill", json=body).json()
-    import json
-
     with client.stream("POST", "/infill", json={**body, "stream": True}) as r:
         events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
     assert [e["stop"] for e in events][-1] is True and not any(e["stop"] for e in events[:-1])
@@ -270,6 +271,58 @@ def test_tabby_health_and_segments_completion(client, reference):
     assert client.post("/v1/completions", json={"prompt": "def", "max_tokens": 2}).json()["object"] == "text_completion"
     bad = client.post("/v1/completions", json={"language": "python", "segments": {"suffix": "x"}})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "segments.prefix"
+
+
+TABBY_AGENT = Path(__file__).resolve().parents[1] / "build/npm/node_modules/tabby-agent/dist/cli.js"
+
+
+class JsonLineAgent:
+    """tabby-agent's stdio protocol: `[id, {"func", "args"}]` lines in, `[id, result]` lines out (id 0: events)."""
+
+    def __init__(self, home: Path):
+        assert TABBY_AGENT.is_file(), f"{TABBY_AGENT} is missing: run `make install` (npm install tabby-agent)"
+        env = {**os.environ, "HOME": str(home), "TABBY_DISABLE_USAGE_COLLECTION": "1"}
+        self.proc = subprocess.Popen(["node", str(TABBY_AGENT)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True, env=env)
+        self.events, self.next_id = [], 1
+
+    def call(self, func: str, *args, timeout: float = 60):
+        request_id, self.next_id = self.next_id, self.next_id + 1
+        self.proc.stdin.write(json.dumps([request_id, {"func": func, "args": list(args)}]) + "\n")
+        self.proc.stdin.flush()
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            line = self.proc.stdout.readline()
+            assert line, "tabby-agent exited"
+            reply_id, result = json.loads(line)
+            if reply_id == request_id:
+                return result
+            self.events.append(result)
+        raise AssertionError(f"tabby-agent did not answer {func}")
+
+    def close(self):
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def test_tabby_agent_completes_through_the_server(server, tmp_path):
+    """Tabby's own editor agent (npm tabby-agent 1.5.0): health check, then a completion it builds segments for."""
+    agent = JsonLineAgent(tmp_path)
+    try:
+        assert agent.call("initialize", {"config": {"server": {"endpoint": server.url}},
+                                         "clientProperties": {"session": {"client": "minicoder-test"}}}) is True
+        assert agent.call("getStatus") == "ready"  # GET /v1/health answered with a model
+        assert agent.call("getServerHealthState")["model"] == MODEL
+        before = server.state.metrics.requests.copy()
+        text = "import math\n\n\ndef circle_area(r):\n    return \n\n\nprint(circle_area(2))\n"
+        reply = agent.call("provideCompletions", {"filepath": str(tmp_path / "shapes.py"), "language": "python",
+                                                  "text": text, "position": text.index("return ") + 7,
+                                                  "manually": True})
+        assert reply["id"].startswith("cmpl-")  # the id of minicoder's Tabby route, not an agent placeholder
+        assert len(reply["choices"]) <= 1 and all(isinstance(c["text"], str) for c in reply["choices"])
+        assert sum(server.state.metrics.requests.values()) > sum(before.values())
+    finally:
+        agent.close()
 
 
 # --- vLLM tokenizer routes (lm-eval's remote tokenizer) -----------------------------------------------------
