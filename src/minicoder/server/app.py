@@ -12,6 +12,7 @@ prompt token ids + `SamplingParams`, and engine outputs into JSON or server-sent
   POST /v1/completions        completion, fill-in-the-middle (`suffix`), n, stop, seed, logprobs, echo, stream
   POST /v1/chat/completions   chat through the model's chat template, n, stop, seed, logprobs, stream
   GET  /health, GET /metrics  liveness; Prometheus text
+  + the editor and harness APIs (llama.cpp /infill, Ollama /api/*, Tabby, vLLM /tokenize): server/clients.py
 """
 
 from __future__ import annotations
