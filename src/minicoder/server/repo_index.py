@@ -143,10 +143,10 @@ class RepoIndex:
         signature = self._stat_all()
         if not force and signature == self._signature:
             return False
-        self._build(signature)
+        self._build(signature, progress=force)  # the first build, at start-up, shows its progress
         return True
 
-    def _build(self, signature: tuple):
+    def _build(self, signature: tuple, progress: bool = False):
         import bm25s
 
         started = time.perf_counter()
@@ -162,7 +162,7 @@ class RepoIndex:
         retriever = None
         if keep:
             retriever = bm25s.BM25()
-            retriever.index([corpus[i] for i in keep], show_progress=False)
+            retriever.index([corpus[i] for i in keep], show_progress=progress)
         with self._lock:  # queries see the old index or the new one, never half of each
             self._chunks, self._retriever = [chunks[i] for i in keep], retriever
         self._signature = signature
