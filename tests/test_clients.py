@@ -199,6 +199,7 @@ def test_ollama_list_show_ps_version(ollama_client, server):
     assert models[0].size > 0 and models[0].details.family == "llama"
     shown = ollama_client.show(MODEL)
     assert "insert" in shown.capabilities and shown.modelinfo["llama.context_length"] == server.state.context
+    assert ".Suffix" in shown.template and "<｜fim▁hole｜>{{ .Suffix }}" in shown.template  # Continue's FIM check
     assert shown.modelinfo["general.parameter_count"] == sum(
         p.numel() for p in server.engine.runner.model.parameters())
     assert [m.model for m in ollama_client.ps().models] == [f"{MODEL}:latest"]

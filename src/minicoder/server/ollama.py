@@ -1,7 +1,7 @@
 """Ollama's API, for the `ollama` client and the editors and UIs that speak it (Continue, Zed, Open WebUI...):
 
   GET  /api/version, /api/tags, /api/ps      the server's version; the served model, as Ollama lists models
-  POST /api/show                             {model} -> details, model_info, chat template, capabilities
+  POST /api/show                             {model} -> details, model_info, prompt template, capabilities
   POST /api/generate                         {model, prompt, suffix, system, raw, context, options, stream, keep_alive}
   POST /api/chat                             {model, messages, options, stream, keep_alive}
 
@@ -236,7 +236,7 @@ def router(server) -> APIRouter:
         ollama.check_model(name)
         facts = ollama.facts
         return {"modelfile": f"# served by minicoder\nFROM {server.engine.engine.model_path}\n", "parameters": "",
-                "template": server.prompts.chat_template, "details": facts.details(),
+                "template": ollama.template(), "details": facts.details(),
                 "model_info": facts.model_info(), "capabilities": facts.capabilities,
                 "modified_at": facts.modified_at}
 
@@ -257,6 +257,18 @@ class Ollama:
         engine = server.engine.engine
         dtype = engine.config.dtype if isinstance(engine.config.dtype, str) else str(engine.config.dtype).split(".")[-1]
         self.facts = ModelFacts(engine.model_path, dtype, server.context, server.prompts.fim_format is not None)
+
+    def template(self) -> str:
+        """The prompt layout, as an Ollama (Go) template: the fill-in-the-middle branch is exact (clients such
+        as Continue look for `.Suffix` to know the model fills in the middle); chat prompts go through the
+        model's Jinja chat template, which a Go template cannot hold, so that branch says so."""
+        chat = ("{{/* not a Go template: the prompt goes through the model's Jinja chat template (GET "
+                "/tokenizer_info shows it); raw: true sends it as is */}}{{ .Prompt }}")
+        fmt = self.server.prompts.fim_format
+        if fmt is None:
+            return chat
+        return (f"{{{{- if .Suffix }}}}{fmt.prefix}{{{{ .Prompt }}}}{fmt.suffix}{{{{ .Suffix }}}}{fmt.middle}"
+                f"{{{{- else }}}}{chat}{{{{- end }}}}")
 
     @property
     def name(self) -> str:
