@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ from .scheduler import Scheduler
 from .runner import SequenceChunk
 
 __all__ = ["Engine", "EngineConfig", "EngineStats", "QueueFull"]
+
+log = logging.getLogger("minicoder.engine")
 
 NATIVE_MODEL_TYPES = ("llama", "mistral")
 # End-of-turn tokens of known chat formats: generation stops on them as on end-of-sequence.
@@ -94,7 +97,7 @@ class Engine:
                request_id: str | None = None) -> str:
         """Queue a request (text is encoded as `tokenizer.encode` does); returns its id. Raises QueueFull."""
         params = params or SamplingParams()
-        params.validate()
+        params.validate(self.vocab_size)  # a value the sampler cannot honour is refused here, not mid-batch
         prompt_ids = self.prompts.completion(prompt) if isinstance(prompt, str) else list(prompt)
         if not prompt_ids:
             raise ValueError("the prompt is empty")
@@ -126,25 +129,92 @@ class Engine:
 
     # --- the loop -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling step; return an output for every request that changed."""
+        """Run one scheduling step; return an output for every request that changed.
+
+        A failure that belongs to one request (its forward chunk, its sampling, its detokenization) fails
+        that request alone (finish_reason "error") and the rest of the batch goes on.
+        """
         outputs = self._take_inbox()
         chunks = self.scheduler.schedule()
         if not chunks:
             return outputs
-        batch = [SequenceChunk(c.request.id, c.request.token_ids[c.start : c.start + c.num_tokens], c.start,
-                               self.kv.block_table(c.request), c.samples) for c in chunks]
-        logits = self.runner.forward(batch)
+        chunks, logits = self._forward(chunks, outputs)
         self.scheduler.after_step(chunks)
         sampling = [c.request for c in chunks if c.samples]
         if not sampling:
             return outputs
-        for request, token in zip(sampling, sample(logits, sampling)):
-            delta = request.append_token(token)
+        for request, token in zip(sampling, self._sample(logits, sampling)):
+            if token is None:
+                outputs.append(self._fail(request, "sampling failed"))
+                continue
+            try:
+                delta = request.append_token(token)
+            except Exception:
+                log.exception("request %s: decoding token %d failed", request.id, token)
+                outputs.append(self._fail(request, "decoding failed"))
+                continue
             self.generated_tokens += 1
             outputs.append(request.output(delta, [token]))
             if request.finished:
                 self._remove(request)
         return outputs
+
+    def _forward(self, chunks: list, outputs: list[RequestOutput]) -> tuple[list, torch.Tensor]:
+        """Logits for `chunks` in one batched forward; if that raises, each chunk alone, failing the
+        requests whose chunk raises again (their K/V writes are simply redone by the retries)."""
+        try:
+            return chunks, self.runner.forward([self._sequence_chunk(c) for c in chunks])
+        except Exception:
+            log.exception("a batched forward of %d chunks failed; retrying them one by one", len(chunks))
+        kept, rows = [], []
+        for chunk in chunks:
+            try:
+                row = self.runner.forward([self._sequence_chunk(chunk)])
+            except Exception:
+                log.exception("request %s: forward failed", chunk.request.id)
+                outputs.append(self._fail(chunk.request, "the model's forward pass failed"))
+                continue
+            kept.append(chunk)
+            if chunk.samples:
+                rows.append(row)
+        return kept, torch.cat(rows) if rows else torch.empty(0)
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int | None]:
+        """One token per request; a request whose sampling raises gets None (the others are resampled
+        alone, each with its own generator, so their tokens are the same as in the batch)."""
+        kept_logprobs = [None if r.logprobs is None else len(r.logprobs) for r in requests]
+        try:
+            return sample(logits, requests)
+        except Exception:
+            log.exception("batched sampling of %d requests failed; sampling them one by one", len(requests))
+        for request, n in zip(requests, kept_logprobs):  # drop what the failed batch recorded
+            if n is not None:
+                del request.logprobs[n:]
+        tokens: list[int | None] = []
+        for i, request in enumerate(requests):
+            try:
+                tokens += sample(logits[i : i + 1], [request])
+            except Exception:
+                log.exception("request %s: sampling failed", request.id)
+                tokens.append(None)
+        return tokens
+
+    def _sequence_chunk(self, c) -> SequenceChunk:
+        return SequenceChunk(c.request.id, c.request.token_ids[c.start : c.start + c.num_tokens], c.start,
+                             self.kv.block_table(c.request), c.samples)
+
+    def _fail(self, request: Request, reason: str) -> RequestOutput:
+        """End one request with finish_reason "error"; its blocks are freed, the batch goes on."""
+        request.fail(reason)
+        output = request.output("", [])
+        self._remove(request)
+        return output
+
+    def fail_all(self, reason: str) -> list[RequestOutput]:
+        """End every request with an error (after a step failed in a way no single request explains),
+        so the engine is empty and consistent again."""
+        self._take_inbox()
+        return [self._fail(request, reason) for request in list(self.requests.values())]
 
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[RequestOutput]:

@@ -38,6 +38,7 @@ from ..engine import TokenLogprob as EngineLogprob
 from .cli import configure_serve_parser, run_serve  # noqa: F401  (`minicoder serve`, re-exported)
 from .errors import APIError, install_error_handlers
 from .generation import Generation
+from .limits import DEFAULT_MAX_BODY_BYTES, BodySizeLimit
 from .metrics import ServerMetrics
 from .protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChatLogprobs, CompletionChoice, CompletionLogprobs, CompletionRequest,
@@ -61,6 +62,7 @@ class ServerSettings:
     model_name: str = "minicoder"  # the name clients send as `model` (and /v1/models lists)
     api_key: str | None = None  # when set, every route but /health and /metrics needs `Authorization: Bearer KEY`
     completion_max_tokens: int = 16  # /v1/completions without max_tokens (OpenAI's default); chat: what fits
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413 before they are read
 
 
 def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> FastAPI:
@@ -77,12 +79,22 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
             sampler.cancel()
             await engine.close()
 
+    # With an API key the schema is served behind it, and the HTML docs (which a browser cannot load
+    # with a bearer header) are off.
+    open_docs = settings.api_key is None
     app = FastAPI(title="minicoder", version="0.1.0", lifespan=lifespan,
+                  docs_url="/docs" if open_docs else None, redoc_url="/redoc" if open_docs else None,
+                  openapi_url="/openapi.json" if open_docs else None,
                   description="A code LLM behind seed 001's route and an OpenAI-compatible API.")
     app.state.server = server
     install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
     app.include_router(server.open_routes())
     app.include_router(server.generation_routes())
+    if not open_docs:
+        @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(server.api_key_checker())])
+        async def openapi() -> dict:
+            return app.openapi()
     return app
 
 
