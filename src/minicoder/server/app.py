@@ -36,7 +36,7 @@ from pydantic import BaseModel
 from ..engine import AsyncEngine, QueueFull, SamplingParams
 from ..engine import TokenLogprob as EngineLogprob
 from .cli import configure_serve_parser, run_serve  # noqa: F401  (`minicoder serve`, re-exported)
-from .errors import APIError, install_error_handlers
+from .errors import APIError, install_error_handlers, log_internal_error
 from .generation import Generation
 from .limits import DEFAULT_MAX_BODY_BYTES, BodySizeLimit
 from .metrics import ServerMetrics
@@ -106,6 +106,10 @@ class _Server:
         self.prompts = engine.engine.prompts
         self.tokenizer = engine.engine.tokenizer
         self.context = engine.engine.max_request_tokens  # prompt + completion tokens of one request
+        # No token is longer than the longest vocabulary entry (in characters, bytes for byte-level BPE),
+        # so a prompt of more characters than this cannot fit and is refused without tokenizing it; the
+        # factor 2 leaves room for normalizers that merge characters.
+        self.max_prompt_chars = 2 * self.context * max(map(len, self.prompts.vocab), default=1)
         self.started = int(time.time())
         self._token_text: dict[int, str] = {}
 
@@ -168,7 +172,7 @@ class _Server:
         for user, assistant in history:
             messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
         messages.append({"role": "user", "content": body.prompt})
-        prompt_ids = self.chat_prompt(messages, param="prompt")
+        prompt_ids = await self.chat_prompt(messages, param="prompt")
         max_new = min(self.fit_context(prompt_ids, None, "prompt"),
                       _or(body.max_length, SEED_001_DEFAULTS["max_length"]))
         params = SamplingParams(
@@ -196,7 +200,7 @@ class _Server:
         if body.echo and body.logprobs is not None:
             raise APIError("echo with logprobs needs prompt log-probabilities, which this server does not compute",
                            param="echo", code="unsupported")
-        prompts = self.completion_prompts(body)
+        prompts = await asyncio.to_thread(self.completion_prompts, body)  # tokenizing off the event loop
         requests, groups, echoes = [], [], []
         for p, (text, prompt_ids) in enumerate(prompts):
             max_new = self.fit_context(prompt_ids, body.max_tokens, "prompt")
@@ -260,7 +264,7 @@ class _Server:
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError("top_logprobs needs logprobs: true", param="top_logprobs")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        prompt_ids = self.chat_prompt(messages, param="messages")
+        prompt_ids = await self.chat_prompt(messages, param="messages")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         max_new = self.fit_context(prompt_ids, max_tokens, "messages", param)
@@ -323,6 +327,9 @@ class _Server:
             prompts = [prompts]
         if not prompts:
             raise APIError("the prompt list is empty", param="prompt")
+        for prompt in prompts:
+            self.check_prompt_size(len(prompt) + len(body.suffix or ""), "prompt", "characters" if
+                                   isinstance(prompt, str) else "tokens")
         out = []
         for prompt in prompts:
             if isinstance(prompt, str):
@@ -341,11 +348,20 @@ class _Server:
                 out.append((text, self.prompts.completion(prompt) if isinstance(prompt, str) else list(prompt)))
         return out
 
-    def chat_prompt(self, messages: list[dict], param: str) -> list[int]:
+    async def chat_prompt(self, messages: list[dict], param: str) -> list[int]:
+        """The chat prompt's token ids, laid out and tokenized off the event loop (after a size check)."""
+        self.check_prompt_size(sum(len(m["content"]) for m in messages), param, "characters")
         try:
-            return self.prompts.chat(messages)
+            return await asyncio.to_thread(self.prompts.chat, messages)
         except Exception as e:  # jinja2 raises TemplateError (`raise_exception` in templates), others ValueError
             raise APIError(f"the model's chat template rejected the messages: {e}", param=param) from None
+
+    def check_prompt_size(self, size: int, param: str, unit: str):
+        """Refuse a prompt that cannot fit the context before spending time tokenizing it."""
+        limit = self.context if unit == "tokens" else self.max_prompt_chars
+        if size > limit:
+            raise APIError(f"the prompt has {size} {unit}, more than this model's context of {self.context} "
+                           f"tokens can hold (at most {limit} {unit})", param=param, code="context_length_exceeded")
 
     def fit_context(self, prompt_ids: list[int], max_tokens: int | None, prompt_param: str,
                     max_tokens_param: str = "max_tokens") -> int:
@@ -384,7 +400,7 @@ class _Server:
             seed=seed,
         )
         try:
-            params.validate()
+            params.validate(self.engine.engine.vocab_size)
         except ValueError as e:
             message = str(e)
             for engine_name, api_name in ENGINE_TO_API_FIELDS.items():
@@ -461,9 +477,8 @@ def sse(payload: BaseModel) -> str:
 
 
 def stream_error(generation: Generation, error: Exception) -> str:
-    log.error("%s: failed while streaming: %s: %s", generation.id, type(error).__name__, error)
-    body = APIError(f"generation failed: {type(error).__name__}: {error}", status=500, type="internal_error",
-                    code="internal_error").body()
+    message = log_internal_error(error, f"{generation.id} while streaming")
+    body = APIError(f"generation failed: {message}", status=500, type="internal_error", code="internal_error").body()
     return f"data: {json.dumps(body)}\n\n"
 
 
