@@ -165,3 +165,19 @@ def test_a_step_failure_no_request_explains_leaves_the_engine_serving(engine, in
 
     out = asyncio.run(run())
     assert out.text == innocent_text and not engine.has_unfinished()
+
+
+def test_stop_string_hold_back_matches_its_definition():
+    """The held-back tail is the longest end of the pending text that is a proper prefix of a stop string."""
+    import random
+
+    from minicoder.engine.detokenizer import StopStringFilter
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        stops = ["".join(rng.choice("ab ") for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, 3))]
+        f = StopStringFilter(stops)
+        f.pending = "".join(rng.choice("ab ") for _ in range(rng.randint(0, 8)))
+        expected = max((k for s in stops for k in range(1, min(len(s) - 1, len(f.pending)) + 1)
+                        if f.pending.endswith(s[:k])), default=0)
+        assert f._longest_stop_prefix_suffix() == expected, (stops, f.pending)

@@ -200,6 +200,9 @@ class _Server:
         if body.echo and body.logprobs is not None:
             raise APIError("echo with logprobs needs prompt log-probabilities, which this server does not compute",
                            param="echo", code="unsupported")
+        count = len(body.prompt) if isinstance(body.prompt, list) and body.prompt and \
+            not isinstance(body.prompt[0], int) else 1
+        self.check_choices(count * n)  # before tokenizing any of the prompts
         prompts = await asyncio.to_thread(self.completion_prompts, body)  # tokenizing off the event loop
         requests, groups, echoes = [], [], []
         for p, (text, prompt_ids) in enumerate(prompts):
@@ -408,12 +411,15 @@ class _Server:
             raise APIError(message, param=message.split()[0]) from None
         return params
 
+    def check_choices(self, count: int):
+        max_waiting = self.engine.engine.config.max_waiting
+        if count > max_waiting:
+            raise APIError(f"{count} choices (n x prompts) are more than this server queues at once ({max_waiting})",
+                           param="n")
+
     async def start(self, generation: Generation, prompt_param: str):
         """Submit a generation: a full queue is a 429, a request the engine refuses a 400."""
-        max_waiting = self.engine.engine.config.max_waiting
-        if len(generation.requests) > max_waiting:
-            raise APIError(f"{len(generation.requests)} choices (n x prompts) are more than this server queues at "
-                           f"once ({max_waiting})", param="n")
+        self.check_choices(len(generation.requests))
         try:
             await generation.start()
         except QueueFull as e:
