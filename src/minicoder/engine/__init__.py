@@ -1,9 +1,9 @@
 """Generation: the serving engine (continuous batching over a paged KV cache) and its parts."""
 
-from .async_engine import AsyncEngine, RequestFailed
+from .async_engine import AsyncEngine
 from .engine import Engine, EngineConfig, EngineStats, QueueFull
 from .prompts import FimFormat, PromptBuilder, find_fim_format
-from .request import RequestOutput, TokenLogprob
+from .request import RequestFailed, RequestOutput, TokenLogprob
 from .sampling import SamplingParams
 
 __all__ = ["AsyncEngine", "Engine", "EngineConfig", "EngineStats", "FimFormat", "PromptBuilder", "QueueFull",

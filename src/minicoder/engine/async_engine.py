@@ -15,14 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .engine import Engine, EngineConfig
-from .request import RequestOutput
+from .request import RequestFailed, RequestOutput
 from .sampling import SamplingParams
 
 log = logging.getLogger("minicoder.engine")
-
-
-class RequestFailed(RuntimeError):
-    """The engine failed this request (and only it) while generating; the log has the details."""
 
 
 class AsyncEngine:

@@ -26,7 +26,7 @@ import torch
 from ..errors import MinicoderError
 from .kv_cache import KVCacheManager, PrefixCacheStats
 from .prompts import PromptBuilder
-from .request import Request, RequestOutput
+from .request import Request, RequestFailed, RequestOutput
 from .sampler import sample
 from .sampling import SamplingParams
 from .scheduler import Scheduler
@@ -219,7 +219,7 @@ class Engine:
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
         """Run a batch of prompts to completion; outputs in prompt order. Any number of prompts: they are
-        submitted as the waiting queue has room."""
+        submitted as the waiting queue has room. A request the engine failed has finish_reason "error"."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         ids: list[str] = []
         final: dict[str, RequestOutput] = {}
@@ -235,12 +235,15 @@ class Engine:
         return [final[i] for i in ids]
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[RequestOutput]:
-        """One request's outputs as they come (steps the engine in this thread; for single-user callers)."""
+        """One request's outputs as they come (steps the engine in this thread; for single-user callers).
+        Raises RequestFailed if the engine fails the request."""
         request_id = self.submit(prompt, params)
         try:
             while True:
                 for out in self.step():
                     if out.request_id == request_id:
+                        if out.finish_reason == "error":
+                            raise RequestFailed(f"request {request_id}: {out.error}")
                         yield out
                         if out.finished:
                             return

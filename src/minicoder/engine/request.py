@@ -15,6 +15,10 @@ from .sampling import SamplingParams
 FinishReason = Literal["stop", "length", "cancelled", "error"]  # error: failed alone, see `error`
 
 
+class RequestFailed(RuntimeError):
+    """The engine failed this request (and only it) while generating; the log has the details."""
+
+
 @dataclass
 class TokenLogprob:
     """The chosen token's log-probability under the model, and the `top` most likely (id, logprob) pairs."""
