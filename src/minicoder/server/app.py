@@ -182,6 +182,7 @@ class _Server:
             top_p=_or(body.top_p, SEED_001_DEFAULTS["top_p"]),
             repetition_penalty=_or(body.repetition_penalty, SEED_001_DEFAULTS["repetition_penalty"]),
         )
+        self.validated(params, {"max_new_tokens": "max_length"})
         generation = Generation(self.engine, f"seed-{uuid.uuid4().hex}", [(prompt_ids, params)], self.metrics)
         try:
             await self.start(generation, "prompt")
@@ -331,8 +332,11 @@ class _Server:
         if not prompts:
             raise APIError("the prompt list is empty", param="prompt")
         for prompt in prompts:
-            self.check_prompt_size(len(prompt) + len(body.suffix or ""), "prompt", "characters" if
-                                   isinstance(prompt, str) else "tokens")
+            if isinstance(prompt, str):
+                self.check_prompt_size(len(prompt) + len(body.suffix or ""), "prompt", "characters")
+            else:
+                self.check_prompt_size(len(prompt), "prompt", "tokens")
+                self.check_prompt_size(len(body.suffix or ""), "suffix", "characters")
         out = []
         for prompt in prompts:
             if isinstance(prompt, str):
@@ -402,11 +406,15 @@ class _Server:
             logprobs=logprobs,
             seed=seed,
         )
+        return self.validated(params)
+
+    def validated(self, params: SamplingParams, api_names: dict[str, str] = ENGINE_TO_API_FIELDS) -> SamplingParams:
+        """`params`, or a 400 naming the request field the engine would refuse (checked against the model)."""
         try:
             params.validate(self.engine.engine.vocab_size)
         except ValueError as e:
             message = str(e)
-            for engine_name, api_name in ENGINE_TO_API_FIELDS.items():
+            for engine_name, api_name in api_names.items():
                 message = message.replace(engine_name, api_name)
             raise APIError(message, param=message.split()[0]) from None
         return params
