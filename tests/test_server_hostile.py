@@ -14,7 +14,6 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from minicoder.engine import AsyncEngine, Engine, EngineConfig
@@ -23,7 +22,7 @@ from minicoder.server import ServerSettings, create_app
 from minicoder.server.cli import api_key, configure_serve_parser
 from minicoder.server.limits import uvicorn_config
 
-from conftest import save_tiny_llama
+from conftest import save_tiny_llama, uvicorn_in_thread
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,20 +42,8 @@ def make_app(model_dir, **settings):
 @pytest.fixture(scope="module")
 def server(model_dir):
     app = make_app(model_dir)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    uv = uvicorn.Server(uvicorn_config(app, header_timeout=HEADER_TIMEOUT, log_level="warning"))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not uv.started:
-        assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    port = sock.getsockname()[1]
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", port=port, engine=app.state.server.engine.engine)
-    uv.should_exit = True
-    thread.join(10)
-    sock.close()
+    with uvicorn_in_thread(uvicorn_config(app, header_timeout=HEADER_TIMEOUT, log_level="warning")) as port:
+        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", port=port, engine=app.state.server.engine.engine)
 
 
 class InnocentStream(threading.Thread):
