@@ -74,15 +74,27 @@ def test_a_request_that_fails_in_sampling_fails_alone(engine, innocent_text):
     assert engine.kv.num_free_blocks == len(engine.kv.blocks)
 
 
-def test_a_request_whose_forward_fails_fails_alone(engine, innocent_text, monkeypatch):
+@pytest.fixture(scope="module")
+def hf_engine(tmp_path_factory):
+    return Engine(save_tiny_llama(tmp_path_factory.mktemp("tiny-hf"), context=256),
+                  EngineConfig(max_num_seqs=8, backend="transformers"))
+
+
+@pytest.mark.parametrize("backend", ["native", "transformers"])
+def test_a_request_whose_forward_fails_fails_alone(engine, hf_engine, innocent_text, monkeypatch, backend):
+    engine = engine if backend == "native" else hf_engine
     innocent = engine.submit("def add(a, b):", INNOCENT)
     victim = engine.submit("class Greeter:", SamplingParams(max_new_tokens=8))
     forward = engine.runner.forward
 
+    decoding = []
+
     def failing_forward(chunks):
-        if any(c.request_id == victim for c in chunks):
+        out = forward(chunks)  # the innocent chunk's cache has advanced when the step fails
+        decoding.extend(c.request_id for c in chunks if c.start > 0)
+        if victim in decoding and any(c.request_id == victim for c in chunks):  # from its first decode step on
             raise RuntimeError("simulated kernel failure")
-        return forward(chunks)
+        return out
 
     monkeypatch.setattr(engine.runner, "forward", failing_forward)
     outputs = {}

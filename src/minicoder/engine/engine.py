@@ -161,15 +161,21 @@ class Engine:
 
     def _forward(self, chunks: list, outputs: list[RequestOutput]) -> tuple[list, torch.Tensor]:
         """Logits for `chunks` in one batched forward; if that raises, each chunk alone, failing the
-        requests whose chunk raises again (their K/V writes are simply redone by the retries)."""
+        requests whose chunk raises again (the paged cache's K/V writes are simply redone by the retries)."""
         try:
             return chunks, self.runner.forward([self._sequence_chunk(c) for c in chunks])
         except Exception:
             log.exception("a batched forward of %d chunks failed; retrying them one by one", len(chunks))
         kept, rows = [], []
         for chunk in chunks:
+            sequence = self._sequence_chunk(chunk)
+            if self.backend == "transformers":  # its per-request cache may hold part of the failed step:
+                self.runner.release(chunk.request.id)  # recompute the request from its first token
+                r = chunk.request
+                sequence = SequenceChunk(r.id, r.token_ids[: chunk.start + chunk.num_tokens], 0, sequence.block_table,
+                                         chunk.samples)
             try:
-                row = self.runner.forward([self._sequence_chunk(chunk)])
+                row = self.runner.forward([sequence])
             except Exception:
                 log.exception("request %s: forward failed", chunk.request.id)
                 outputs.append(self._fail(chunk.request, "the model's forward pass failed"))
