@@ -55,6 +55,8 @@ def api_key(args: argparse.Namespace) -> str | None:
     if args.api_key is not None:
         if not args.api_key.strip():
             raise MinicoderError("--api-key is empty")
+        log.warning("--api-key is readable by every local user in the process list; "
+                    "prefer --api-key-file or $MINICODER_API_KEY")
         return args.api_key
     return os.environ.get("MINICODER_API_KEY") or None
 
@@ -73,10 +75,10 @@ def run_serve(args: argparse.Namespace):
         if value is not None and value < minimum:
             raise MinicoderError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
     for name in ("kv_cache_gb", "max_body_mb", "header_timeout"):
-        if not getattr(args, name) > 0:
-            raise MinicoderError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    key = api_key(args)
+        if not 0 < getattr(args, name) < float("inf"):
+            raise MinicoderError(f"--{name.replace('_', '-')} must be a positive number, got {getattr(args, name)}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    key = api_key(args)
     config = EngineConfig(dtype=args.dtype, backend=args.backend, max_model_len=args.max_model_len,
                           max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting,
                           kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)))
