@@ -193,3 +193,17 @@ def test_stop_string_hold_back_matches_its_definition():
         expected = max((k for s in stops for k in range(1, min(len(s) - 1, len(f.pending)) + 1)
                         if f.pending.endswith(s[:k])), default=0)
         assert f._longest_stop_prefix_suffix() == expected, (stops, f.pending)
+
+
+def test_a_seeded_request_keeps_its_text_when_a_neighbour_fails_in_sampling(engine):
+    seeded = SamplingParams(max_new_tokens=12, ignore_eos=True, temperature=1.0, seed=5)
+    [alone] = engine.generate(["def add(a, b):"], seeded)
+    innocent = engine.submit("def add(a, b):", seeded)
+    victim = engine.submit("def f():", SamplingParams(max_new_tokens=8, logprobs=2, temperature=1.0, seed=1))
+    engine.step()
+    engine.requests[victim].params.logprobs = 10**6  # raises after every row has drawn its token
+    outputs = {}
+    while engine.has_unfinished():
+        outputs.update({o.request_id: o for o in engine.step()})
+    assert outputs[victim].finish_reason == "error"
+    assert outputs[innocent].text == alone.text

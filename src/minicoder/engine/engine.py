@@ -186,16 +186,19 @@ class Engine:
         return kept, torch.cat(rows) if rows else torch.empty(0)
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int | None]:
-        """One token per request; a request whose sampling raises gets None (the others are resampled
-        alone, each with its own generator, so their tokens are the same as in the batch)."""
+        """One token per request; a request whose sampling raises gets None. The others are resampled
+        alone from the generator states they had before the failed batch, so their tokens are the same."""
         kept_logprobs = [None if r.logprobs is None else len(r.logprobs) for r in requests]
+        kept_states = [None if r.generator is None else r.generator.get_state() for r in requests]
         try:
             return sample(logits, requests)
         except Exception:
             log.exception("batched sampling of %d requests failed; sampling them one by one", len(requests))
-        for request, n in zip(requests, kept_logprobs):  # drop what the failed batch recorded
+        for request, n, state in zip(requests, kept_logprobs, kept_states):  # undo what the failed batch did
             if n is not None:
                 del request.logprobs[n:]
+            if state is not None:
+                request.generator.set_state(state)
         tokens: list[int | None] = []
         for i, request in enumerate(requests):
             try:
