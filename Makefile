@@ -13,7 +13,7 @@ DEMO_SFT_STEPS ?= 200
 export TOKENIZERS_PARALLELISM ?= true
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo test test-slow test-soak bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,11 @@ test: install
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
+
+# Load and fault soaks (not in `make test`): SOAK_SECONDS / SOAK_CLIENTS change the load, SOAK_REPORT=FILE.json keeps the numbers.
+test-soak: install
+	$(BIN)/pip install -q -e '.[soak]'
+	$(BIN)/python -m pytest -q -s -m soak -p no:cacheprovider
 
 bench: install
 	$(BIN)/python benchmarks/train_throughput.py

@@ -3,8 +3,8 @@
 from .async_engine import AsyncEngine
 from .engine import Engine, EngineConfig, EngineStats, QueueFull
 from .prompts import FimFormat, PromptBuilder, find_fim_format
-from .request import RequestOutput, TokenLogprob
+from .request import RequestFailed, RequestOutput, TokenLogprob
 from .sampling import SamplingParams
 
 __all__ = ["AsyncEngine", "Engine", "EngineConfig", "EngineStats", "FimFormat", "PromptBuilder", "QueueFull",
-           "RequestOutput", "SamplingParams", "TokenLogprob", "find_fim_format"]
+           "RequestFailed", "RequestOutput", "SamplingParams", "TokenLogprob", "find_fim_format"]

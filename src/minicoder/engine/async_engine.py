@@ -2,19 +2,23 @@
 
 One background task drives `Engine.step` in a worker thread (torch releases the GIL, so the event loop
 keeps serving) and hands each request's outputs to the coroutine that streams them. A client that goes
-away cancels its request, which frees its KV blocks at the next step.
+away cancels its request, which frees its KV blocks at the next step. A request the engine fails alone
+(finish_reason "error") raises `RequestFailed` in its own consumer only; the others keep streaming.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .engine import Engine, EngineConfig
-from .request import RequestOutput
+from .request import RequestFailed, RequestOutput
 from .sampling import SamplingParams
+
+log = logging.getLogger("minicoder.engine")
 
 
 class AsyncEngine:
@@ -48,6 +52,8 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
+                if item.finish_reason == "error":
+                    raise RequestFailed(f"request {request_id}: {item.error}")
                 yield item
         finally:
             self._queues.pop(request_id, None)
@@ -91,10 +97,9 @@ class AsyncEngine:
                 continue
             try:
                 outputs = await loop.run_in_executor(self._executor, self.engine.step)
-            except Exception as e:  # a bug or out of memory: fail every waiting stream, keep the server up
-                for queue in self._queues.values():
-                    queue.put_nowait(e)
-                raise
+            except Exception:  # no single request explains it (a scheduler bug): fail them all, keep serving
+                log.exception("an engine step failed; failing every request in it")
+                outputs = await loop.run_in_executor(self._executor, self.engine.fail_all, "the engine step failed")
             for out in outputs:
                 queue = self._queues.get(out.request_id)
                 if queue is not None:

@@ -82,10 +82,14 @@ class StopStringFilter:
         return out
 
     def _longest_stop_prefix_suffix(self) -> int:
-        best = 0
+        """The longest end of the pending text that is a proper prefix of some stop string. Only the
+        positions holding a stop's first character are tried, so a long stop string costs little per token."""
+        best, pending = 0, self.pending
         for stop in self.stops:
-            for k in range(min(len(stop) - 1, len(self.pending)), best, -1):
-                if self.pending.endswith(stop[:k]):
-                    best = k
+            i = pending.find(stop[0], max(0, len(pending) - len(stop) + 1))
+            while i != -1 and len(pending) - i > best:
+                if stop.startswith(pending[i:]):
+                    best = len(pending) - i
                     break
+                i = pending.find(stop[0], i + 1)
         return best

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,13 +26,15 @@ import torch
 from ..errors import MinicoderError
 from .kv_cache import KVCacheManager, PrefixCacheStats
 from .prompts import PromptBuilder
-from .request import Request, RequestOutput
+from .request import Request, RequestFailed, RequestOutput
 from .sampler import sample
 from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .runner import SequenceChunk
 
 __all__ = ["Engine", "EngineConfig", "EngineStats", "QueueFull"]
+
+log = logging.getLogger("minicoder.engine")
 
 NATIVE_MODEL_TYPES = ("llama", "mistral")
 # End-of-turn tokens of known chat formats: generation stops on them as on end-of-sequence.
@@ -94,7 +97,7 @@ class Engine:
                request_id: str | None = None) -> str:
         """Queue a request (text is encoded as `tokenizer.encode` does); returns its id. Raises QueueFull."""
         params = params or SamplingParams()
-        params.validate()
+        params.validate(self.vocab_size)  # a value the sampler cannot honour is refused here, not mid-batch
         prompt_ids = self.prompts.completion(prompt) if isinstance(prompt, str) else list(prompt)
         if not prompt_ids:
             raise ValueError("the prompt is empty")
@@ -126,30 +129,106 @@ class Engine:
 
     # --- the loop -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling step; return an output for every request that changed."""
+        """Run one scheduling step; return an output for every request that changed.
+
+        A failure that belongs to one request (its forward chunk, its sampling, its detokenization) fails
+        that request alone (finish_reason "error") and the rest of the batch goes on.
+        """
         outputs = self._take_inbox()
         chunks = self.scheduler.schedule()
         if not chunks:
             return outputs
-        batch = [SequenceChunk(c.request.id, c.request.token_ids[c.start : c.start + c.num_tokens], c.start,
-                               self.kv.block_table(c.request), c.samples) for c in chunks]
-        logits = self.runner.forward(batch)
+        chunks, logits = self._forward(chunks, outputs)
         self.scheduler.after_step(chunks)
         sampling = [c.request for c in chunks if c.samples]
         if not sampling:
             return outputs
-        for request, token in zip(sampling, sample(logits, sampling)):
-            delta = request.append_token(token)
+        for request, token in zip(sampling, self._sample(logits, sampling)):
+            if token is None:
+                outputs.append(self._fail(request, "sampling failed"))
+                continue
+            try:
+                delta = request.append_token(token)
+            except Exception:
+                log.exception("request %s: decoding token %d failed", request.id, token)
+                outputs.append(self._fail(request, "decoding failed"))
+                continue
             self.generated_tokens += 1
             outputs.append(request.output(delta, [token]))
             if request.finished:
                 self._remove(request)
         return outputs
 
+    def _forward(self, chunks: list, outputs: list[RequestOutput]) -> tuple[list, torch.Tensor]:
+        """Logits for `chunks` in one batched forward; if that raises, each chunk alone, failing the
+        requests whose chunk raises again (the paged cache's K/V writes are simply redone by the retries)."""
+        try:
+            return chunks, self.runner.forward([self._sequence_chunk(c) for c in chunks])
+        except Exception:
+            log.exception("a batched forward of %d chunks failed; retrying them one by one", len(chunks))
+        kept, rows = [], []
+        for chunk in chunks:
+            sequence = self._sequence_chunk(chunk)
+            if self.backend == "transformers":  # its per-request cache may hold part of the failed step:
+                self.runner.release(chunk.request.id)  # recompute the request from its first token
+                r = chunk.request
+                sequence = SequenceChunk(r.id, r.token_ids[: chunk.start + chunk.num_tokens], 0, sequence.block_table,
+                                         chunk.samples)
+            try:
+                row = self.runner.forward([sequence])
+            except Exception:
+                log.exception("request %s: forward failed", chunk.request.id)
+                outputs.append(self._fail(chunk.request, "the model's forward pass failed"))
+                continue
+            kept.append(chunk)
+            if chunk.samples:
+                rows.append(row)
+        return kept, torch.cat(rows) if rows else torch.empty(0)
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int | None]:
+        """One token per request; a request whose sampling raises gets None. The others are resampled
+        alone from the generator states they had before the failed batch, so their tokens are the same."""
+        kept_logprobs = [None if r.logprobs is None else len(r.logprobs) for r in requests]
+        kept_states = [None if r.generator is None else r.generator.get_state() for r in requests]
+        try:
+            return sample(logits, requests)
+        except Exception:
+            log.exception("batched sampling of %d requests failed; sampling them one by one", len(requests))
+        for request, n, state in zip(requests, kept_logprobs, kept_states):  # undo what the failed batch did
+            if n is not None:
+                del request.logprobs[n:]
+            if state is not None:
+                request.generator.set_state(state)
+        tokens: list[int | None] = []
+        for i, request in enumerate(requests):
+            try:
+                tokens += sample(logits[i : i + 1], [request])
+            except Exception:
+                log.exception("request %s: sampling failed", request.id)
+                tokens.append(None)
+        return tokens
+
+    def _sequence_chunk(self, c) -> SequenceChunk:
+        return SequenceChunk(c.request.id, c.request.token_ids[c.start : c.start + c.num_tokens], c.start,
+                             self.kv.block_table(c.request), c.samples)
+
+    def _fail(self, request: Request, reason: str) -> RequestOutput:
+        """End one request with finish_reason "error"; its blocks are freed, the batch goes on."""
+        request.fail(reason)
+        output = request.output("", [])
+        self._remove(request)
+        return output
+
+    def fail_all(self, reason: str) -> list[RequestOutput]:
+        """End every request with an error (after a step failed in a way no single request explains),
+        so the engine is empty and consistent again."""
+        self._take_inbox()
+        return [self._fail(request, reason) for request in list(self.requests.values())]
+
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
         """Run a batch of prompts to completion; outputs in prompt order. Any number of prompts: they are
-        submitted as the waiting queue has room."""
+        submitted as the waiting queue has room. A request the engine failed has finish_reason "error"."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         ids: list[str] = []
         final: dict[str, RequestOutput] = {}
@@ -165,12 +244,15 @@ class Engine:
         return [final[i] for i in ids]
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[RequestOutput]:
-        """One request's outputs as they come (steps the engine in this thread; for single-user callers)."""
+        """One request's outputs as they come (steps the engine in this thread; for single-user callers).
+        Raises RequestFailed if the engine fails the request."""
         request_id = self.submit(prompt, params)
         try:
             while True:
                 for out in self.step():
                     if out.request_id == request_id:
+                        if out.finish_reason == "error":
+                            raise RequestFailed(f"request {request_id}: {out.error}")
                         yield out
                         if out.finished:
                             return

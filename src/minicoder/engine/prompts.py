@@ -3,11 +3,15 @@ repository before it, within a token budget), repository-level completion, chat.
 
 The FIM format is found from the tokenizer's special tokens, so one server builds the right prompt for
 minicoder, DeepSeek-Coder, StarCoder, Qwen2.5-Coder or CodeLlama. Control tokens go in as ids; the
-user's code is encoded as plain text, so code that happens to spell `<|EOT|>` stays text.
+user's code is encoded as plain text, so code that happens to spell `<|EOT|>` stays text. That holds for
+chat too: only the control tokens the chat template itself writes become control tokens, never one typed
+inside a message (which would let a user end the turn or forge an assistant reply).
 """
 
 from __future__ import annotations
 
+import re
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -64,6 +68,9 @@ class PromptBuilder:
         # What the tokenizer puts before a text (BOS for Llama and DeepSeek-Coder, nothing for StarCoder).
         plain, full = self.text("a"), tokenizer.encode("a")
         self.start_ids = full[: len(full) - len(plain)] if full[len(full) - len(plain) :] == plain else []
+        added = tokenizer.added_tokens_decoder.values()
+        self._special = _alternation(t.content for t in added if t.special)  # what split_special_tokens guards
+        self._added = _alternation(t.content for t in added)  # what the tokenizer parses out of any text
 
     def text(self, text: str) -> list[int]:
         """Text as data: special-token spellings inside it stay plain text."""
@@ -179,7 +186,50 @@ class PromptBuilder:
         return self.tokenizer.chat_template or CHAT_TEMPLATE
 
     def chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """The tokenizer's chat template (DeepSeek-Coder-instruct style when it has none), ready for the reply."""
-        text = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
+        """The tokenizer's chat template (DeepSeek-Coder-instruct style when it has none), ready for the reply.
+
+        Message text is data: a control token spelled inside a message is encoded as plain text."""
+        text = self._render(messages)
+        if self._special is None or not any(self._special.search(_content(m)) for m in messages):
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        return self._chat_with_literal_controls(messages, text)
+
+    def _render(self, messages: list[dict[str, str]]) -> str:
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
                                                   add_generation_prompt=True)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _chat_with_literal_controls(self, messages: list[dict[str, str]], text: str) -> list[int]:
+        """Render with a marker in place of each message, so the template's own control tokens are known;
+        then encode each run of text between them (template text and message text together, as the
+        tokenizer would) with special-token spellings kept as text."""
+        marker = f"\ue000{secrets.token_hex(8)}\ue001"
+        layout = self._render([{**m, "content": f"{marker}{i}{marker}"} for i, m in enumerate(messages)])
+        pieces = re.split(f"{marker}(\\d+){marker}", layout)  # template, message index, template, ...
+        if "".join(_content(messages[int(p)]) if k % 2 else p for k, p in enumerate(pieces)) != text:
+            found = self._special.search("".join(_content(m) for m in messages)).group()
+            raise ValueError(f"a message contains the control token {found!r}, and this model's chat template "
+                             "rewrites message text, so it cannot be kept as plain text")
+        ids, run = [], ""
+        for k, piece in enumerate(pieces):
+            if k % 2:
+                run += _content(messages[int(piece)])
+                continue
+            parts = self._added.split(piece) if self._added else [piece]  # text, control, text, ...
+            for j, part in enumerate(parts):
+                if j % 2 == 0:
+                    run += part
+                else:
+                    ids += self.text(run) if run else []
+                    ids.append(self.vocab[part])
+                    run = ""
+        return ids + (self.text(run) if run else [])
+
+
+def _content(message: dict) -> str:
+    content = message.get("content")
+    return content if isinstance(content, str) else ""
+
+
+def _alternation(tokens) -> re.Pattern | None:
+    tokens = sorted({t for t in tokens if t}, key=len, reverse=True)  # longest first, as the tokenizer matches
+    return re.compile("(" + "|".join(map(re.escape, tokens)) + ")") if tokens else None

@@ -12,7 +12,11 @@ import torch
 from .detokenizer import IncrementalDetokenizer, StopStringFilter
 from .sampling import SamplingParams
 
-FinishReason = Literal["stop", "length", "cancelled"]
+FinishReason = Literal["stop", "length", "cancelled", "error"]  # error: failed alone, see `error`
+
+
+class RequestFailed(RuntimeError):
+    """The engine failed this request (and only it) while generating; the log has the details."""
 
 
 @dataclass
@@ -41,6 +45,7 @@ class RequestOutput:
     completion_tokens: int
     cached_tokens: int  # prompt tokens whose keys/values came from the prefix cache
     time_to_first_token: float | None  # seconds from submit to the first generated token
+    error: str | None = None  # with finish_reason "error": what failed (details are in the log)
 
 
 class PenaltyState:
@@ -86,6 +91,7 @@ class Request:
         self.arrival_time = time.perf_counter()
         self.first_token_time: float | None = None
         self.finish_reason: FinishReason | None = None
+        self.error: str | None = None
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
 
     @property
@@ -121,6 +127,10 @@ class Request:
         self.finish_reason = "cancelled"
         return self.stop_filter.flush(self.detokenizer.flush())
 
+    def fail(self, reason: str):
+        self.finish_reason = "error"
+        self.error = reason
+
     def output(self, delta_text: str, delta_token_ids: list[int]) -> RequestOutput:
         logprobs = delta_logprobs = None
         if self.logprobs is not None:
@@ -141,4 +151,5 @@ class Request:
             completion_tokens=len(self.output_ids),
             cached_tokens=self.num_cached_tokens,
             time_to_first_token=ttft,
+            error=self.error,
         )

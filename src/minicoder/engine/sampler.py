@@ -26,6 +26,7 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[int]:
             logits[i, list(r.stop_token_ids)] = float("-inf")
         if r.penalties is not None:
             logits[i] = apply_penalties(logits[i], r)
+    logits = finite_logits(logits)
     tokens = logits.argmax(dim=-1).tolist()
     sampled = [i for i, r in enumerate(requests) if not r.params.greedy]
     if sampled:
@@ -53,7 +54,7 @@ def apply_penalties(row: torch.Tensor, request: Request) -> torch.Tensor:
 
 def _filtered_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
     params = [r.params for r in requests]
-    logits = logits / torch.tensor([p.temperature for p in params])[:, None]
+    logits = finite_logits(logits / torch.tensor([p.temperature for p in params])[:, None])
     vocab = logits.shape[-1]
     top_k = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
     if min(top_k) < vocab:
@@ -72,6 +73,21 @@ def _filtered_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tens
     if (min_p > 0).any():
         threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
         probs = probs.masked_fill(probs < threshold, 0.0)
+    return _with_fallback(probs, logits)
+
+
+def finite_logits(logits: torch.Tensor) -> torch.Tensor:
+    """NaN -> -inf (impossible), +inf -> the largest finite float (certain), so softmax stays defined."""
+    return torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
+
+
+def _with_fallback(probs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Rows that are not a distribution (all masked, or NaN) become one-hot on their argmax."""
+    total = probs.sum(dim=-1)
+    bad = ~torch.isfinite(total) | (total <= 0) | torch.isnan(probs).any(dim=-1)
+    if bad.any():
+        probs = probs.clone()
+        probs[bad] = torch.nn.functional.one_hot(logits[bad].argmax(dim=-1), probs.shape[-1]).to(probs.dtype)
     return probs
 
 

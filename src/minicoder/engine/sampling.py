@@ -6,9 +6,19 @@ the serving engine's batched sampler (`sampler.py`) honours all of it, `sample_n
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
+
+# Bounds of what a request may ask for. Beyond them the sampler's arithmetic overflows (a repetition
+# penalty of 1e-40 turns logits into inf, then NaN probabilities) or the per-token cost grows with the
+# request (every stop string is checked on every token), so they are refused at submit time.
+MAX_TEMPERATURE = 100.0
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+MAX_ADDITIVE_PENALTY = 100.0  # presence / frequency (the API allows [-2, 2])
+MAX_STOP_STRINGS = 32
+MAX_STOP_CHARS = 1000
 
 
 @dataclass
@@ -29,25 +39,57 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     logprobs: int | None = None  # None: off; N: the chosen token's logprob and the N most likely
 
-    def validate(self):
+    def validate(self, vocab_size: int | None = None):
+        """Raise ValueError (message starting with the field's name) for anything the sampler cannot honour.
+
+        Every number must be finite and in range, and with `vocab_size` every token id must exist: a bad
+        value caught here is a 400 for its sender instead of an exception inside a batch shared with others.
+        """
+        for name in ("temperature", "top_p", "repetition_penalty", "min_p", "presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        for name in ("max_new_tokens", "top_k", "min_new_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE}], got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        low, high = REPETITION_PENALTY_RANGE
+        if not low <= self.repetition_penalty <= high:
+            raise ValueError(f"repetition_penalty must be in [{low}, {high}], got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -MAX_ADDITIVE_PENALTY <= getattr(self, name) <= MAX_ADDITIVE_PENALTY:
+                raise ValueError(f"{name} must be in [-{MAX_ADDITIVE_PENALTY}, {MAX_ADDITIVE_PENALTY}], "
+                                 f"got {getattr(self, name)}")
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= 20):
             raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
-        if any(not isinstance(s, str) for s in self.stop_strings):
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not -(1 << 63) <= self.seed < 1 << 64):
+            raise ValueError(f"seed must be a 64-bit integer, got {self.seed!r}")
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        if any(not isinstance(s, str) for s in stops):
             raise ValueError("stop must be a string or a list of strings")
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop has {len(stops)} strings; at most {MAX_STOP_STRINGS} are allowed")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop strings must be at most {MAX_STOP_CHARS} characters long")
+        ids = self.stop_token_ids
+        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in ids):
+            raise ValueError("stop_token_ids must be non-negative integers")
+        if vocab_size is not None and any(t >= vocab_size for t in ids):
+            raise ValueError(f"stop_token_ids must be below the vocabulary size {vocab_size}, got {max(ids)}")
 
     @property
     def stop_strings(self) -> list[str]:
@@ -88,4 +130,6 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
         drop = cumulative - sorted_logits.softmax(-1) > params.top_p  # keep the smallest set reaching top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
+    if not torch.isfinite(probs).all() or probs.sum() <= 0:  # NaN or fully masked logits: no distribution
+        return int(torch.nan_to_num(logits, nan=float("-inf")).argmax())
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -38,8 +38,9 @@ from ..engine import AsyncEngine, QueueFull, SamplingParams
 from ..engine import TokenLogprob as EngineLogprob
 from .cli import configure_serve_parser, run_serve  # noqa: F401  (`minicoder serve`, re-exported)
 from .clients import fim_context, include_client_routers
-from .errors import APIError, install_error_handlers
+from .errors import APIError, install_error_handlers, log_internal_error
 from .generation import Generation
+from .limits import DEFAULT_MAX_BODY_BYTES, BodySizeLimit
 from .metrics import ServerMetrics
 from .protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChatLogprobs, CompletionChoice, CompletionLogprobs, CompletionRequest,
@@ -65,6 +66,7 @@ class ServerSettings:
     completion_max_tokens: int = 16  # /v1/completions without max_tokens (OpenAI's default); chat: what fits
     repo: str | None = None  # a repository to index: its most relevant snippets go into fill-in-the-middle prompts
     repo_context_tokens: int = 1024  # most prompt tokens those snippets take
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413 before they are read
 
 
 def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> FastAPI:
@@ -82,13 +84,23 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
             server.fim.close()
             await engine.close()
 
+    # With an API key the schema is served behind it, and the HTML docs (which a browser cannot load
+    # with a bearer header) are off.
+    open_docs = settings.api_key is None
     app = FastAPI(title="minicoder", version="0.1.0", lifespan=lifespan,
+                  docs_url="/docs" if open_docs else None, redoc_url="/redoc" if open_docs else None,
+                  openapi_url="/openapi.json" if open_docs else None,
                   description="A code LLM behind seed 001's route and an OpenAI-compatible API.")
     app.state.server = server
     install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
     app.include_router(server.open_routes())
     app.include_router(server.generation_routes())
     include_client_routers(app, server)
+    if not open_docs:
+        @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(server.api_key_checker())])
+        async def openapi() -> dict:
+            return app.openapi()
     return app
 
 
@@ -100,9 +112,13 @@ class _Server:
         self.prompts = engine.engine.prompts
         self.tokenizer = engine.engine.tokenizer
         self.context = engine.engine.max_request_tokens  # prompt + completion tokens of one request
+        # No token is longer than the longest vocabulary entry (in characters, bytes for byte-level BPE),
+        # so a prompt of more characters than this cannot fit and is refused without tokenizing it; the
+        # factor 2 leaves room for normalizers that merge characters.
+        self.max_prompt_chars = 2 * self.context * max(map(len, self.prompts.vocab), default=1)
         self.started = int(time.time())
         self._token_text: dict[int, str] = {}
-        self.fim = fim_context(self.prompts, self.context, settings)
+        self.fim = fim_context(self.prompts, self.context, settings, self.max_prompt_chars)
 
     # --- routes ------------------------------------------------------------------------------------
     def open_routes(self) -> APIRouter:
@@ -163,7 +179,7 @@ class _Server:
         for user, assistant in history:
             messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
         messages.append({"role": "user", "content": body.prompt})
-        prompt_ids = self.chat_prompt(messages, param="prompt")
+        prompt_ids = await self.chat_prompt(messages, param="prompt")
         max_new = min(self.fit_context(prompt_ids, None, "prompt"),
                       _or(body.max_length, SEED_001_DEFAULTS["max_length"]))
         params = SamplingParams(
@@ -173,6 +189,7 @@ class _Server:
             top_p=_or(body.top_p, SEED_001_DEFAULTS["top_p"]),
             repetition_penalty=_or(body.repetition_penalty, SEED_001_DEFAULTS["repetition_penalty"]),
         )
+        self.validated(params, {"max_new_tokens": "max_length"})
         generation = Generation(self.engine, f"seed-{uuid.uuid4().hex}", [(prompt_ids, params)], self.metrics)
         try:
             await self.start(generation, "prompt")
@@ -191,7 +208,10 @@ class _Server:
         if body.echo and body.logprobs is not None:
             raise APIError("echo with logprobs needs prompt log-probabilities, which this server does not compute",
                            param="echo", code="unsupported")
-        prompts = self.completion_prompts(body)
+        count = len(body.prompt) if isinstance(body.prompt, list) and body.prompt and \
+            not isinstance(body.prompt[0], int) else 1
+        self.check_choices(count * n)  # before tokenizing any of the prompts
+        prompts = await asyncio.to_thread(self.completion_prompts, body)  # tokenizing off the event loop
         requests, groups, echoes = [], [], []
         for p, (text, prompt_ids) in enumerate(prompts):
             max_new = self.fit_context(prompt_ids, body.max_tokens, "prompt")
@@ -255,7 +275,7 @@ class _Server:
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError("top_logprobs needs logprobs: true", param="top_logprobs")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        prompt_ids = self.chat_prompt(messages, param="messages")
+        prompt_ids = await self.chat_prompt(messages, param="messages")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         max_new = self.fit_context(prompt_ids, max_tokens, "messages", param)
@@ -318,6 +338,12 @@ class _Server:
             prompts = [prompts]
         if not prompts:
             raise APIError("the prompt list is empty", param="prompt")
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                self.check_prompt_size(len(prompt) + len(body.suffix or ""), "prompt", "characters")
+            else:
+                self.check_prompt_size(len(prompt), "prompt", "tokens")
+                self.check_prompt_size(len(body.suffix or ""), "suffix", "characters")
         out = []
         for prompt in prompts:
             if isinstance(prompt, str):
@@ -337,11 +363,20 @@ class _Server:
                 out.append((text, self.prompts.completion(prompt) if isinstance(prompt, str) else list(prompt)))
         return out
 
-    def chat_prompt(self, messages: list[dict], param: str) -> list[int]:
+    async def chat_prompt(self, messages: list[dict], param: str) -> list[int]:
+        """The chat prompt's token ids, laid out and tokenized off the event loop (after a size check)."""
+        self.check_prompt_size(sum(len(m["content"]) for m in messages), param, "characters")
         try:
-            return self.prompts.chat(messages)
+            return await asyncio.to_thread(self.prompts.chat, messages)
         except Exception as e:  # jinja2 raises TemplateError (`raise_exception` in templates), others ValueError
             raise APIError(f"the model's chat template rejected the messages: {e}", param=param) from None
+
+    def check_prompt_size(self, size: int, param: str, unit: str):
+        """Refuse a prompt that cannot fit the context before spending time tokenizing it."""
+        limit = self.context if unit == "tokens" else self.max_prompt_chars
+        if size > limit:
+            raise APIError(f"the prompt has {size} {unit}, more than this model's context of {self.context} "
+                           f"tokens can hold (at most {limit} {unit})", param=param, code="context_length_exceeded")
 
     def fit_context(self, prompt_ids: list[int], max_tokens: int | None, prompt_param: str,
                     max_tokens_param: str = "max_tokens") -> int:
@@ -379,21 +414,28 @@ class _Server:
             logprobs=logprobs,
             seed=seed,
         )
+        return self.validated(params)
+
+    def validated(self, params: SamplingParams, api_names: dict[str, str] = ENGINE_TO_API_FIELDS) -> SamplingParams:
+        """`params`, or a 400 naming the request field the engine would refuse (checked against the model)."""
         try:
-            params.validate()
+            params.validate(self.engine.engine.vocab_size)
         except ValueError as e:
             message = str(e)
-            for engine_name, api_name in ENGINE_TO_API_FIELDS.items():
+            for engine_name, api_name in api_names.items():
                 message = message.replace(engine_name, api_name)
             raise APIError(message, param=message.split()[0]) from None
         return params
 
+    def check_choices(self, count: int):
+        max_waiting = self.engine.engine.config.max_waiting
+        if count > max_waiting:
+            raise APIError(f"{count} choices (n x prompts) are more than this server queues at once ({max_waiting})",
+                           param="n")
+
     async def start(self, generation: Generation, prompt_param: str):
         """Submit a generation: a full queue is a 429, a request the engine refuses a 400."""
-        max_waiting = self.engine.engine.config.max_waiting
-        if len(generation.requests) > max_waiting:
-            raise APIError(f"{len(generation.requests)} choices (n x prompts) are more than this server queues at "
-                           f"once ({max_waiting})", param="n")
+        self.check_choices(len(generation.requests))
         try:
             await generation.start()
         except QueueFull as e:
@@ -457,9 +499,8 @@ def sse(payload: BaseModel) -> str:
 
 
 def stream_error(generation: Generation, error: Exception) -> str:
-    log.error("%s: failed while streaming: %s: %s", generation.id, type(error).__name__, error)
-    body = APIError(f"generation failed: {type(error).__name__}: {error}", status=500, type="internal_error",
-                    code="internal_error").body()
+    message = log_internal_error(error, f"{generation.id} while streaming")
+    body = APIError(f"generation failed: {message}", status=500, type="internal_error", code="internal_error").body()
     return f"data: {json.dumps(body)}\n\n"
 
 

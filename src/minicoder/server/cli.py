@@ -8,6 +8,8 @@ import logging
 import os
 from pathlib import Path
 
+from .limits import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONNECTIONS
+
 log = logging.getLogger("minicoder.server")
 
 
@@ -15,8 +17,11 @@ def configure_serve_parser(parser: argparse.ArgumentParser):
     parser.add_argument("model", help="a model directory (a minicoder checkpoint or any Hugging Face causal LM)")
     parser.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1; 0.0.0.0 listens on all interfaces")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--api-key", default=os.environ.get("MINICODER_API_KEY"),
-                        help="require `Authorization: Bearer KEY` (default: $MINICODER_API_KEY; unset = open)")
+    key = parser.add_mutually_exclusive_group()
+    key.add_argument("--api-key-file", type=Path, metavar="FILE",
+                     help="require `Authorization: Bearer KEY`, KEY being this file's first line")
+    key.add_argument("--api-key", help="the same with KEY itself; other local users can read it in the process list, "
+                     "so prefer --api-key-file or $MINICODER_API_KEY (used when neither flag is given)")
     parser.add_argument("--served-model-name", help="the model's name in the API (default: the directory's name)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--backend", default="auto", choices=["auto", "native", "transformers"])
@@ -29,7 +34,35 @@ def configure_serve_parser(parser: argparse.ArgumentParser):
                         "files change): its most relevant snippets go into fill-in-the-middle prompts")
     parser.add_argument("--repo-context-tokens", type=int, default=1024,
                         help="most prompt tokens the --repo snippets take (default 1024, at most half the context)")
+    parser.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_BYTES / (1 << 20),
+                        help="larger request bodies get HTTP 413 (default %(default)g)")
+    parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                        help="open connections beyond this get HTTP 503 (default %(default)d)")
+    parser.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT_S,
+                        help="seconds a client may take to send its request headers (default %(default)g)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def api_key(args: argparse.Namespace) -> str | None:
+    """The key from --api-key-file, --api-key or $MINICODER_API_KEY (in that order); None = no key."""
+    from ..errors import MinicoderError
+
+    if args.api_key_file is not None:
+        try:
+            lines = args.api_key_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise MinicoderError(f"--api-key-file {args.api_key_file}: cannot read it ({e})") from None
+        key = lines[0].strip() if lines else ""
+        if not key:
+            raise MinicoderError(f"--api-key-file {args.api_key_file}: the first line is empty")
+        return key
+    if args.api_key is not None:
+        if not args.api_key.strip():
+            raise MinicoderError("--api-key is empty")
+        log.warning("--api-key is readable by every local user in the process list; "
+                    "prefer --api-key-file or $MINICODER_API_KEY")
+        return args.api_key
+    return os.environ.get("MINICODER_API_KEY") or None
 
 
 def run_serve(args: argparse.Namespace):
@@ -38,8 +71,10 @@ def run_serve(args: argparse.Namespace):
     from ..engine import AsyncEngine, EngineConfig
     from ..errors import MinicoderError
     from .app import ServerSettings, create_app
+    from .limits import uvicorn_config
 
-    for name, minimum in (("port", 0), ("max_num_seqs", 1), ("max_waiting", 1), ("max_model_len", 2)):
+    for name, minimum in (("port", 0), ("max_num_seqs", 1), ("max_waiting", 1), ("max_model_len", 2),
+                          ("max_connections", 1)):
         value = getattr(args, name)
         if value is not None and value < minimum:
             raise MinicoderError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
@@ -47,17 +82,21 @@ def run_serve(args: argparse.Namespace):
         raise MinicoderError(f"--repo {args.repo}: not a directory")
     if args.repo_context_tokens < 0:
         raise MinicoderError(f"--repo-context-tokens must be at least 0, got {args.repo_context_tokens}")
-    if args.kv_cache_gb <= 0:
-        raise MinicoderError(f"--kv-cache-gb must be positive, got {args.kv_cache_gb}")
+    for name in ("kv_cache_gb", "max_body_mb", "header_timeout"):
+        if not 0 < getattr(args, name) < float("inf"):
+            raise MinicoderError(f"--{name.replace('_', '-')} must be a positive number, got {getattr(args, name)}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    key = api_key(args)
     config = EngineConfig(dtype=args.dtype, backend=args.backend, max_model_len=args.max_model_len,
                           max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting,
                           kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)))
     engine = AsyncEngine.from_pretrained(args.model, config)
     name = args.served_model_name or Path(args.model).resolve().name
-    app = create_app(engine, ServerSettings(model_name=name, api_key=args.api_key, repo=args.repo,
-                                            repo_context_tokens=args.repo_context_tokens))
+    app = create_app(engine, ServerSettings(model_name=name, api_key=key, repo=args.repo,
+                                            repo_context_tokens=args.repo_context_tokens,
+                                            max_body_bytes=int(args.max_body_mb * (1 << 20))))
     log.info("serving %s as %r on http://%s:%d (backend %s, context %d tokens)%s", args.model, name, args.host,
              args.port, engine.engine.backend, engine.engine.max_request_tokens,
-             "; API key required" if args.api_key else "")
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+             "; API key required" if key else "")
+    uvicorn.Server(uvicorn_config(app, header_timeout=args.header_timeout, max_connections=args.max_connections,
+                                  host=args.host, port=args.port, log_level=args.log_level)).run()

@@ -18,13 +18,13 @@ from .repo_index import RepoIndex
 TABBY_COMPLETIONS = "/v1/tabby/completions"
 
 
-def fim_context(prompts, context: int, settings) -> FimContext:
+def fim_context(prompts, context: int, settings, max_chars: int | None = None) -> FimContext:
     """The fill-in-the-middle prompt builder, with a watched `--repo` index when `settings.repo` is set."""
     index = None
     if settings.repo:
         index = RepoIndex(settings.repo, lambda text: len(prompts.text(text)))
         index.watch()
-    return FimContext(prompts, context, index, settings.repo_context_tokens)
+    return FimContext(prompts, context, index, settings.repo_context_tokens, max_chars=max_chars)
 
 
 def include_client_routers(app: FastAPI, server):

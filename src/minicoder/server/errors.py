@@ -1,12 +1,14 @@
 """Errors as OpenAI's API reports them: `{"error": {"message", "type", "param", "code"}}`.
 
 Every failure the client can fix is a 4xx naming the field (`param`); a full queue is a 429 with
-`Retry-After`; anything else is a 500 in the same shape, never a bare traceback.
+`Retry-After`; anything else is a 500 in the same shape whose message says only "internal error" and an
+error id: the exception and its traceback go to the server log under that id, never to the client.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -80,6 +82,16 @@ def install_error_handlers(app: FastAPI):
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):
-        log.exception("internal error on %s %s", request.method, request.url.path)
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", type="internal_error",
-                              code="internal_error")
+        return internal_error_response(exc, f"{request.method} {request.url.path}")
+
+
+def log_internal_error(exc: BaseException, where: str) -> str:
+    """Log `exc` with its traceback under a new error id; return the client's message, which names only the id."""
+    error_id = uuid.uuid4().hex[:12]
+    log.error("internal error %s on %s: %s: %s", error_id, where, type(exc).__name__, exc,
+              exc_info=(type(exc), exc, exc.__traceback__))
+    return f"internal error (id {error_id}); the server log has the details"
+
+
+def internal_error_response(exc: BaseException, where: str) -> JSONResponse:
+    return error_response(500, log_internal_error(exc, where), type="internal_error", code="internal_error")

@@ -20,6 +20,7 @@ changes the output. `t_max_prompt_ms` is accepted and, as in llama-server, not e
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -34,7 +35,7 @@ from ..engine import RequestOutput, SamplingParams
 from .app import EventStream, stream_error, until_disconnected
 from .errors import APIError
 from .generation import Generation
-from .protocol import ExtraFile, StrictModel
+from .protocol import ExtraFile, StrictModel, Text
 
 SAMPLERS = ("penalties", "top_k", "top_p", "min_p", "temperature")  # the ones minicoder has
 WARM_UP_TOKENS = 1  # n_predict 0: the engine samples once after the prompt; the token is dropped
@@ -49,9 +50,9 @@ class InfillRequest(StrictModel):
          "input_extra": [{"filename": "util.py", "text": "def sub(a, b):\n    return a - b\n"}],
          "n_predict": 32, "temperature": 0}]}}
 
-    input_prefix: str = Field("", description="Code before the cursor's line.")
-    input_suffix: str = Field("", description="Code after the cursor.")
-    prompt: str = Field("", description="The cursor line's text before the cursor (appended to input_prefix).")
+    input_prefix: Text = Field("", description="Code before the cursor's line.")
+    input_suffix: Text = Field("", description="Code after the cursor.")
+    prompt: Text = Field("", description="The cursor line's text before the cursor (appended to input_prefix).")
     input_extra: list[ExtraFile] = Field(default_factory=list, description="Other files (chunks) of the repository.")
     n_predict: int = Field(-1, ge=-1, description="Most tokens to generate; -1 = what fits; 0 = only compute the "
                            "prompt (cache warm-up).")
@@ -63,7 +64,7 @@ class InfillRequest(StrictModel):
     presence_penalty: float = Field(0.0)
     frequency_penalty: float = Field(0.0)
     seed: int = Field(-1, description="-1 (or 4294967295): random.")
-    stop: list[str] = Field(default_factory=list)
+    stop: list[Text] = Field(default_factory=list)
     ignore_eos: bool = False
     samplers: list[str] | None = Field(None, description=f"Samplers to run, from {', '.join(SAMPLERS)}; default all.")
     stream: bool = False
@@ -141,7 +142,8 @@ def router(server) -> APIRouter:
 
     @api.post("/infill", summary="Fill in the middle (llama.cpp's server API, for llama.vim / llama.vscode)")
     async def infill(body: InfillRequest, request: Request):
-        return await Infill(server, body).run(request)
+        infill = await asyncio.to_thread(Infill, server, body)  # builds and tokenizes the prompt
+        return await infill.run(request)
 
     return api
 

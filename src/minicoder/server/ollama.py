@@ -20,6 +20,7 @@ the server's, the server's holds). Options that choose how Ollama loads a model 
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import hashlib
 import json
@@ -40,7 +41,7 @@ from ..engine import RequestOutput, SamplingParams
 from .app import EventStream, until_disconnected
 from .errors import APIError, field_path
 from .generation import Generation
-from .protocol import StrictModel
+from .protocol import StrictModel, Text
 
 API_VERSION = "0.12.0"  # the Ollama API version whose routes and fields this module follows
 NEVER = "2318-01-01T00:00:00Z"  # /api/ps `expires_at` of a model that stays loaded (as Ollama shows keep_alive -1)
@@ -76,7 +77,7 @@ class Options(StrictModel):
     top_p: float | None = Field(None, gt=0, le=1)
     min_p: float | None = Field(None, ge=0, le=1)
     seed: int | None = None
-    stop: list[str] | str | None = None
+    stop: list[Text] | Text | None = None
     repeat_penalty: float | None = Field(None, gt=0)
     repeat_last_n: int | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
@@ -134,10 +135,10 @@ class _OllamaRequest(StrictModel):
 
 
 class GenerateRequest(_OllamaRequest):
-    prompt: str = ""
-    suffix: str | None = None
-    system: str | None = None
-    template: str | None = Field(None, description="Not supported: the model's own template is used.")
+    prompt: Text = ""
+    suffix: Text | None = None
+    system: Text | None = None
+    template: Text | None = Field(None, description="Not supported: the model's own template is used.")
     raw: bool = False
     context: list[int] | None = Field(None, description="Token ids from an earlier response, put before the prompt.")
     images: list[str] | None = None
@@ -145,7 +146,7 @@ class GenerateRequest(_OllamaRequest):
 
 class Message(StrictModel):
     role: Literal["system", "user", "assistant"]
-    content: str = ""
+    content: Text = ""
     images: list[str] | None = None
 
 
@@ -309,14 +310,15 @@ class Ollama:
         max_new = opts.num_predict if opts.num_predict and opts.num_predict > 0 else None
         if body.suffix is not None:
             reserve = max_new or min(256, context // 4)
-            prompt_ids = self.server.fim.prompt(body.prompt, body.suffix, reserve=reserve + self.server.context - context,
-                                                param="prompt", cut_code=False).ids
+            prompt_ids = (await self.server.fim.aprompt(body.prompt, body.suffix, reserve=reserve + self.server.context - context,
+                                                       param="prompt", cut_code=False)).ids
         elif body.raw:
-            prompt_ids = self.server.prompts.completion(body.prompt)
+            self.server.check_prompt_size(len(body.prompt), "prompt", "characters")
+            prompt_ids = await asyncio.to_thread(self.server.prompts.completion, body.prompt)
         else:
             messages = ([{"role": "system", "content": body.system}] if body.system else []) + \
                        [{"role": "user", "content": body.prompt}]
-            prompt_ids = self.server.chat_prompt(messages, param="prompt")
+            prompt_ids = await self.server.chat_prompt(messages, param="prompt")
         prompt_ids = list(body.context or []) + prompt_ids
         return await self.run(body, opts, prompt_ids, context, max_new, request, chat=False)
 
@@ -332,7 +334,7 @@ class Ollama:
         opts = body.options or Options()
         context = min(opts.num_ctx or self.server.context, self.server.context)
         max_new = opts.num_predict if opts.num_predict and opts.num_predict > 0 else None
-        prompt_ids = self.server.chat_prompt([{"role": m.role, "content": m.content} for m in body.messages],
+        prompt_ids = await self.server.chat_prompt([{"role": m.role, "content": m.content} for m in body.messages],
                                              param="messages")
         return await self.run(body, opts, prompt_ids, context, max_new, request, chat=True)
 

@@ -4,20 +4,33 @@ Pydantic checks types and ranges, so a bad field gets a 400 that names it, and F
 OpenAPI schema (`/docs`) from these models. Fields follow OpenAI's API; the extra sampling fields
 (`top_k`, `min_p`, `repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`) are vLLM's, so
 clients written for vLLM (`extra_body={...}`) work unchanged. Unknown fields are ignored, as OpenAI does.
-A field sent as `null` takes its default. Types are strict: "0.5" is not a number, "yes" not a boolean.
+A field sent as `null` takes its default. Types are strict: "0.5" is not a number, "yes" not a boolean,
+`Infinity` and `NaN` are not numbers, and text must be valid Unicode (a lone surrogate such as "\ud800"
+cannot be encoded, so it is refused here instead of failing in the tokenizer).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, model_serializer
 
 # --- requests ------------------------------------------------------------------------------------------
 
 
+def _encodable(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"the text is not valid Unicode: {e.reason} at position {e.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+
+
 class StrictModel(BaseModel):
-    model_config = ConfigDict(strict=True)
+    model_config = ConfigDict(strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(StrictModel):
@@ -35,7 +48,7 @@ class SamplingFields(StrictModel):
     n: int | None = Field(None, ge=1, le=128, description="Choices per prompt. Default 1.")
     stream: bool | None = Field(None, description="Server-sent events, ending with `data: [DONE]`.")
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(None, description="Text ends before the first of these strings.")
+    stop: Text | list[Text] | None = Field(None, description="Text ends before the first of these strings.")
     seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 64, description="Same seed, same text (choice i uses "
                              "seed + i).")
     presence_penalty: float | None = Field(None, ge=-2, le=2)
@@ -58,10 +71,30 @@ class ExtraFile(BaseModel):
     """A file (or a chunk of one) of the repository, as llama.cpp's server takes it in `input_extra`.
     Other keys clients add (llama.vim's `time`) are ignored, as llama-server ignores them."""
 
-    filename: str = Field("", description="Its path in the repository, written in its header in the prompt.")
-    text: str = Field(description="Its text.")
+    filename: Text = Field("", description="Its path in the repository, written in its header in the prompt.")
+    text: Text = Field(description="Its text.")
 
     model_config = ConfigDict(strict=True)
+
+
+def _prompt_kind(value) -> str | None:
+    """Which form a prompt takes, from its first element: pydantic then validates only that form (trying
+    every member of the union made a million-token prompt cost seconds, spent on error lists)."""
+    if isinstance(value, str):
+        return "str"
+    if isinstance(value, list):
+        first = value[0] if value else ""
+        if isinstance(first, list):
+            return "list[list[int]]"
+        return "list[int]" if isinstance(first, int) and not isinstance(first, bool) else "list[str]"
+    return None
+
+
+Prompt = Annotated[Annotated[Text, Tag("str")] | Annotated[list[Text], Tag("list[str]")]
+                   | Annotated[TokenIds, Tag("list[int]")] | Annotated[list[TokenIds], Tag("list[list[int]]")],
+                   Discriminator(_prompt_kind, custom_error_type="prompt_type",
+                                 custom_error_message="prompt must be a string, a list of strings, a list of token "
+                                 "ids or a list of token-id lists")]
 
 
 class CompletionRequest(SamplingFields):
@@ -72,9 +105,8 @@ class CompletionRequest(SamplingFields):
         {"model": "minicoder", "prompt": "def add(a, b):\n    ", "suffix": "\n\nprint(add(1, 2))\n", "max_tokens": 16},
     ]})
 
-    prompt: str | list[str] | TokenIds | list[TokenIds] = Field(
-        description="Text, a list of texts, token ids, or a list of token-id lists.")
-    suffix: str | None = Field(None, description="Text after the hole: fill-in-the-middle with the model's FIM tokens.")
+    prompt: Prompt = Field(description="Text, a list of texts, token ids, or a list of token-id lists.")
+    suffix: Text | None = Field(None, description="Text after the hole: fill-in-the-middle with the model's FIM tokens.")
     input_extra: list[ExtraFile] | None = Field(None, description="With suffix: other files of the repository, "
                                                 "put before the code in the prompt (most relevant last).")
     echo: bool | None = Field(None, description="Put the prompt before each choice's text.")
@@ -85,13 +117,13 @@ class CompletionRequest(SamplingFields):
 
 class TextPart(StrictModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(StrictModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -122,8 +154,8 @@ class Seed001Request(StrictModel):
 
     model_config = ConfigDict(json_schema_extra={"examples": [{"prompt": "你好", "history": []}]})
 
-    prompt: str
-    history: list[Annotated[list[str], Field(min_length=2, max_length=2)]] | None = Field(
+    prompt: Text
+    history: list[Annotated[list[Text], Field(min_length=2, max_length=2)]] | None = Field(
         None, description="Earlier turns as [user, assistant] pairs.")
     max_length: int | None = Field(None, ge=1, description="Most new tokens (default 1024, clipped to the context).")
     top_p: float | None = Field(None, gt=0, le=1, description="Default 0.7.")

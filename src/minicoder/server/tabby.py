@@ -25,32 +25,32 @@ from .app import until_disconnected
 from .clients import TABBY_COMPLETIONS
 from .errors import APIError
 from .generation import Generation
-from .protocol import StrictModel
+from .protocol import StrictModel, Text
 
 MAX_TOKENS = 64  # Tabby's max_decoding_tokens default
 DEFAULT_TEMPERATURE = 0.1  # what Tabby's server samples with when the agent sends none
 
 
 class Snippet(StrictModel):
-    filepath: str = ""
-    body: str
+    filepath: Text = ""
+    body: Text
     score: float | None = None
 
 
 class Declaration(StrictModel):
-    filepath: str = ""
-    body: str
+    filepath: Text = ""
+    body: Text
 
 
 class Segments(StrictModel):
-    prefix: str
-    suffix: str | None = None
-    filepath: str | None = None
+    prefix: Text
+    suffix: Text | None = None
+    filepath: Text | None = None
     git_url: str | None = Field(None, description="Accepted; the repository is the server's --repo, if any.")
     declarations: list[Declaration] | None = None
     relevant_snippets_from_changed_files: list[Snippet] | None = None
     relevant_snippets_from_recently_opened_files: list[Snippet] | None = None
-    clipboard: str | None = None
+    clipboard: Text | None = None
 
 
 class TabbyCompletionRequest(StrictModel):
@@ -101,7 +101,7 @@ def router(server) -> APIRouter:
     async def completions(body: TabbyCompletionRequest, request: Request):
         seg = body.segments
         max_new = body.max_tokens or MAX_TOKENS
-        prompt = server.fim.prompt(seg.prefix, seg.suffix or "", context_files(seg), seg.filepath,
+        prompt = await server.fim.aprompt(seg.prefix, seg.suffix or "", context_files(seg), seg.filepath,
                                    reserve=max_new, param="segments.prefix")
         max_new = server.fit_context(prompt.ids, max_new, "segments.prefix")
         temperature = DEFAULT_TEMPERATURE if body.temperature is None else body.temperature

@@ -12,16 +12,18 @@ is how lm-eval finds the end-of-sequence id.
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
 from .errors import APIError
-from .protocol import ChatMessage, StrictModel, TokenIds
+from .protocol import ChatMessage, StrictModel, Text, TokenIds
 
 
 class TokenizeRequest(StrictModel):
     model: str | None = None
-    prompt: str | None = Field(None, description="Text to tokenize (or send messages).")
+    prompt: Text | None = Field(None, description="Text to tokenize (or send messages).")
     messages: list[ChatMessage] | None = Field(None, description="A conversation, laid out with the chat template.")
     add_special_tokens: bool | None = Field(None, description="Add BOS (default: true for prompt, false for "
                                             "messages: the template writes its own).")
@@ -54,6 +56,9 @@ def router(server) -> APIRouter:
         server.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError("send either prompt or messages", param="prompt")
+        return await asyncio.to_thread(tokenize_body, body)  # big texts must not block the event loop
+
+    def tokenize_body(body: TokenizeRequest) -> TokenizeResponse:
         if body.prompt is not None:
             ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False)
         else:
@@ -76,7 +81,7 @@ def router(server) -> APIRouter:
         if bad is not None:
             raise APIError(f"token id {body.tokens[bad]} is not below the vocabulary size {vocab_size}",
                            param=f"tokens.{bad}")
-        return DetokenizeResponse(prompt=tokenizer.decode(body.tokens))
+        return DetokenizeResponse(prompt=await asyncio.to_thread(tokenizer.decode, body.tokens))
 
     @api.get("/tokenizer_info", summary="The tokenizer's configuration (vLLM's API)")
     async def tokenizer_info() -> dict:
