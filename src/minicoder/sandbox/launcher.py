@@ -125,7 +125,7 @@ class Init:
                 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
                 import rootfs  # noqa: E402 (a sibling file; the launcher runs as a script, not from the package)
 
-                workdir = rootfs.build(cfg["binds"], cfg["disk_mb"], self.uid)
+                workdir = rootfs.build(cfg["binds"], cfg["hide"], cfg["disk_mb"], self.uid)
                 socket.sethostname("sandbox")
             else:
                 workdir = cfg["workdir"]

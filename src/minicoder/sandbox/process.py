@@ -119,6 +119,19 @@ def _install_paths(interpreter: str) -> list[str]:
     return [p for p in paths if os.path.exists(p)]
 
 
+def _hidden_site_dirs(binds: list[str], allowed: list[str]) -> list[str]:
+    """site-packages inside the bound install that the run may not see (allow_site_packages=False): covered by an
+    empty read-only tmpfs, since a bind cannot leave out a subdirectory."""
+    version = "python%d.%d" % sys.version_info[:2]
+    candidates = set(site.getsitepackages())
+    for bind in binds:
+        for lib in ("lib", "lib64"):
+            for name in ("site-packages", "dist-packages"):
+                candidates.add(os.path.join(bind if bind.endswith(lib) else os.path.join(bind, lib), version, name))
+    return sorted(c for c in candidates if os.path.isdir(c) and c not in allowed and
+                  any(c.startswith(b.rstrip("/") + "/") for b in binds))
+
+
 class Process:
     """Starts the launcher and collects stdout/stderr/status incrementally until the run ends."""
 
@@ -197,6 +210,7 @@ class Process:
             env[REPORT_FD_VARIABLE] = str(report_w)
         site_dirs = site.getsitepackages() if allow_site_packages else []
         python = interpreter or sandbox_python()
+        binds = sorted(set(_install_paths(python) + site_dirs + python_path))
         boot = {"site_dirs": site_dirs, "paths": python_path, "worker": child_fds[:2] if worker else None,
                 "cpu_s": self.limits.cpu_s}
         config = {
@@ -209,7 +223,8 @@ class Process:
             "isolate_network": not self.limits.network,
             "no_netns": os.environ.get("MINICODER_SANDBOX_NO_NETNS") == "1",  # to test the fallback
             "cgroup_procs": self.group.procs_files if self.group else [],
-            "binds": sorted(set(_install_paths(python) + site_dirs + python_path)),
+            "binds": binds,
+            "hide": _hidden_site_dirs(binds, site_dirs),
             "disk_mb": self.limits.disk_mb,
             "workdir": self.host_workdir,
             "files": {os.path.normpath(name): base64.b64encode(data.encode() if isinstance(data, str) else data)

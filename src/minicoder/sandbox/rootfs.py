@@ -92,7 +92,7 @@ def _dev(root: str) -> None:
         os.symlink(target, root + "/dev/" + name)
 
 
-def build(binds: list[str], disk_mb: int, uid: int | None) -> str:
+def build(binds: list[str], hide: list[str], disk_mb: int, uid: int | None) -> str:
     """Make the new root and switch to it; returns the run's directory (empty, owned by the run's uid)."""
     mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount propagates back to the host
     root = _mount_point(binds)
@@ -108,6 +108,9 @@ def build(binds: list[str], disk_mb: int, uid: int | None) -> str:
         if os.path.exists(path) and not _covered(path, bound):
             _bind_readonly(path, root + path)
             bound.append(path)
+    for path in hide:  # site-packages the run may not see, inside a bound install
+        if os.path.isdir(root + path):
+            mount("tmpfs", root + path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV, "size=4k,mode=755")
     _etc(root, uid)
     _dev(root)
     for path in ("/tmp", "/var/tmp", "/dev/shm"):  # world-writable, but the run's alone
