@@ -115,7 +115,7 @@ def test_files_are_readable_and_importable():
         run_python("pass", files={"/etc/evil": "x"})
 
 
-def test_working_directory_is_fresh_and_deleted():
+def test_working_directory_is_fresh_and_deleted(mode):
     code = "import os\nprint(os.getcwd())\nprint(os.listdir('.'))\nopen('made.txt', 'w').write('x')"
     r = run_python(code, limits=FAST)
     workdir, listing = r.stdout.splitlines()
@@ -171,7 +171,7 @@ def test_cpu_burn_hits_the_cpu_limit():
 
 
 @needs_root
-def test_fork_bomb_is_contained():
+def test_fork_bomb_is_contained(mode):
     limits = Limits(timeout_s=2, max_processes=16)
     # Children also leave the process group (setsid), as a bomb that wants to survive a group kill would.
     bomb = (
@@ -209,7 +209,7 @@ def test_fork_bomb_is_contained():
     assert run_python("print('fine')", limits=FAST).stdout == "fine\n"
 
 
-def test_background_processes_die_with_the_program():
+def test_background_processes_die_with_the_program(mode):
     code = "import subprocess\nsubprocess.Popen(['sleep', '60'], start_new_session=True)\nprint('spawned')"
     r = run_python(code, limits=FAST)
     assert (r.status, r.stdout) == ("ok", "spawned\n") and r.duration_s < 2
@@ -385,7 +385,7 @@ def test_session_keeps_state_and_survives_errors():
         assert session.run("print(x)").stdout == "41\n"
 
 
-def test_session_timeout_restarts_the_worker():
+def test_session_timeout_restarts_the_worker(mode):
     setup = "def derivative(f, x, h=1e-5):\n    return (f(x + h) - f(x - h)) / (2 * h)\n"
     with PersistentSession(limits=Limits(timeout_s=1, cpu_s=30), setup=setup) as session:
         session.run("x = 1")

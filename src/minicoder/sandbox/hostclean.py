@@ -16,6 +16,7 @@ import shutil
 import stat
 import sys
 import tempfile
+import threading
 
 WORKDIR_PREFIX = "minicoder-sandbox-"  # fallback work dirs: minicoder-sandbox-<host pid>-<random>
 _SKIP = ("/proc", "/sys")  # kernel views, nothing a uid can create files in
@@ -38,12 +39,26 @@ def rmtree(path: str) -> None:
     shutil.rmtree(path, **({"onexc": retry} if sys.version_info >= (3, 12) else {"onerror": retry}))
 
 
-@functools.lru_cache(maxsize=None)
+_scan_lock = threading.Lock()
+
+
+def prefetch_world_writable_dirs() -> None:
+    """Start the one-time scan in the background, so that it overlaps the first run instead of following it."""
+    if _scan.cache_info().currsize == 0:
+        threading.Thread(target=world_writable_dirs, daemon=True, name="minicoder-sandbox-scan").start()
+
+
 def world_writable_dirs() -> tuple[str, ...]:
     """Every directory an unprivileged uid could create files in, found once per host process.
 
     Walks from / through directories others may enter (o+x), the only way another uid can reach anything, and
     keeps those others may write (o+w). Sticky or not: a run's uid owns what it created there either way."""
+    with _scan_lock:  # one scan, however many runs end at once
+        return _scan()
+
+
+@functools.lru_cache(maxsize=None)
+def _scan() -> tuple[str, ...]:
     found, stack, scanned = [], ["/"], 0
     while stack and scanned < _MAX_DIRS_SCANNED:
         path = stack.pop()

@@ -14,7 +14,7 @@ which PR_SET_PDEATHSIG cannot promise (it follows the host *thread* that started
 
 Where the kernel refuses the namespaces, the same code runs without them ("fallback"): init is then a child
 subreaper, the program works in a host directory, and everything of the run is killed with one kill(-1) made as
-the run's uid (or, without a uid of its own, a kill of its process group).
+the run's uid (or, without a uid of its own, by killing init's descendants until none is left).
 """
 
 import base64
@@ -92,28 +92,10 @@ class Init:
         self.pending_kill = False
 
     def kill_all(self) -> None:
-        # PID 1 of a namespace reaches everything else in it with kill(-1); without one, a kill(-1) made as the
-        # run's own uid reaches all of its processes atomically; without either, the program's process group.
         if self.program is None:
             self.pending_kill = True
-        elif "pid" in self.namespaces:
-            try:
-                os.kill(-1, signal.SIGKILL)
-            except ProcessLookupError:
-                pass  # nothing left to kill
-        elif self.uid is not None:
-            if os.fork() == 0:
-                try:
-                    os.setgid(self.uid)
-                    os.setuid(self.uid)
-                    os.kill(-1, signal.SIGKILL)  # never signals the caller itself
-                finally:
-                    os._exit(0)
         else:
-            try:
-                os.killpg(self.program, signal.SIGKILL)
-            except OSError:
-                pass
+            kill_run(self.namespaces, self.uid)
 
     def run(self) -> None:
         cfg = self.cfg
@@ -163,8 +145,6 @@ class Init:
         cfg, uid = self.cfg, self.uid
         try:
             os.close(cfg["status_fd"])  # the program must not hold (or forge) our reports
-            if uid is None and "pid" not in self.namespaces:
-                os.setpgid(0, 0)  # a group of its own, for kill_all
             for res, soft, hard in cfg["rlimits"]:
                 resource.setrlimit(res, (soft, hard))  # as root still, so hard limits can be set
             if uid is not None:
@@ -181,6 +161,55 @@ class Init:
                 os.write(2, ("sandbox: could not start the program: %s: %s\n" % (type(exc).__name__, exc)).encode())
             finally:
                 os._exit(127)
+
+
+def kill_run(namespaces: list[str], uid) -> None:
+    """End every process of the run but the caller. PID 1 of a namespace reaches everything else in it with
+    kill(-1); without one, a kill(-1) made as the run's own uid reaches all of its processes atomically; without
+    either, the caller's descendants (init and the launcher are subreapers: orphans stay theirs)."""
+    if "pid" in namespaces:
+        try:
+            os.kill(-1, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # nothing left to kill
+    elif uid is not None:
+        if os.fork() == 0:
+            try:
+                os.setgid(uid)
+                os.setuid(uid)
+                os.kill(-1, signal.SIGKILL)  # never signals the caller itself
+            finally:
+                os._exit(0)
+    else:
+        _kill_descendants()
+
+
+def _kill_descendants() -> None:
+    """SIGKILL every descendant of this process (init is their subreaper, so orphans that left the program's
+    session are still ours), again until none is left alive: a fork bomb forks between two passes."""
+    me = os.getpid()
+    for _ in range(100):
+        children: dict[int, list[int]] = {}
+        for name in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open("/proc/%s/stat" % name) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except (OSError, ValueError, IndexError):
+                continue
+            if fields[0] != "Z":
+                children.setdefault(int(fields[1]), []).append(int(name))
+        alive, stack = [], [me]
+        while stack:
+            for pid in children.get(stack.pop(), []):
+                alive.append(pid)
+                stack.append(pid)
+        if not alive:
+            return
+        for pid in alive:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
 
 
 def _to_devnull() -> None:
@@ -240,7 +269,9 @@ def main() -> None:
             lifeline = None
         if wake_r in ready:
             os.read(wake_r, 512)
-    while True:  # orphans of a killed init (fallback only)
+    if "pid" not in namespaces:  # init was killed, or died: what it left came to us
+        kill_run(namespaces, cfg["uid"])
+    while True:
         try:
             os.wait()
         except ChildProcessError:

@@ -189,6 +189,8 @@ class Process:
             self.group = cgroups.RunGroup(self.limits.memory_mb, self.limits.max_processes)
         if not namespaces and not probe:
             hostclean.remove_stale_workdirs()
+            if self.uid is not None:
+                hostclean.prefetch_world_writable_dirs()
             self.host_workdir = hostclean.make_fallback_workdir()
 
         # Our ends are registered (or kept) right away, so cleanup closes them whatever fails later.
