@@ -61,6 +61,8 @@ __all__ = [
     "sandbox_processes",
     "sandbox_python",
     "stray_processes",
+    "busiest_sandbox_uid",
+    "use_namespaces",
     "REPORT_FD_VARIABLE",
     "UID_BASE",
     "UID_COUNT",

@@ -1,8 +1,11 @@
-"""The sandbox's public value types: what a run may use (`Limits`), what came of it (`SandboxResult`), and the
-error raised when the sandbox itself cannot run (`SandboxError`)."""
+"""What a run may use (`Limits`, and the rlimits that enforce part of it), what came of it (`SandboxResult`, and
+how its status is told), and the error raised when the sandbox itself cannot run (`SandboxError`)."""
 
 from __future__ import annotations
 
+import re
+import resource
+import signal
 from dataclasses import dataclass
 
 from minicoder.errors import MinicoderError
@@ -39,3 +42,41 @@ class SandboxResult:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+
+def rlimits(limits: Limits, nproc_extra: int, session: bool) -> list[list[int]]:
+    """[resource, soft, hard] for the program, set by the launcher before it drops to the run's uid."""
+    mb = 1024 * 1024
+    # A session's CPU limit is set per call by the worker itself; the wall-clock timeout backs it up.
+    cpu = [resource.RLIM_INFINITY] * 2 if session else [limits.cpu_s, limits.cpu_s + 1]
+    nproc = limits.max_processes + nproc_extra
+    return [
+        [resource.RLIMIT_CPU, *cpu],  # soft: SIGXCPU; hard: SIGKILL
+        [resource.RLIMIT_AS, limits.memory_mb * mb, limits.memory_mb * mb],
+        [resource.RLIMIT_FSIZE, limits.file_size_mb * mb, limits.file_size_mb * mb],
+        [resource.RLIMIT_NPROC, nproc, nproc],
+        [resource.RLIMIT_CORE, 0, 0],
+    ]
+
+
+# The last line of a traceback (numpy's is `numpy...._ArrayMemoryError: ...`), ENOMEM, a C++ allocation failure.
+_MEMORY_MESSAGE = re.compile(r"^[\w.]*MemoryError\b|Cannot allocate memory|std::bad_alloc", re.M)
+
+
+def classify(returncode: int | None, stderr: str, limits: Limits, cpu_s: float, maxrss_kb: int, oom: int) -> str:
+    """The status of a run that ended on its own (not by timeout or the output cap)."""
+    if returncode == 0:
+        return "ok"
+    if oom:
+        return "memory"  # the kernel killed a process of the run at the run's memory limit
+    if returncode is None:
+        return "killed"
+    if _MEMORY_MESSAGE.search(stderr[-4000:]):
+        return "memory"
+    if returncode == -signal.SIGXCPU or (returncode == -signal.SIGKILL and cpu_s >= limits.cpu_s):
+        return "cpu"
+    if returncode < 0:
+        if maxrss_kb * 1024 >= 0.9 * limits.memory_mb * 1024 * 1024:
+            return "memory"  # killed while at its memory limit (allocation failure inside C code)
+        return "killed"
+    return "error"

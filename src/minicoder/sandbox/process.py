@@ -8,12 +8,9 @@ fallback without a mount namespace, the host work directory. `cleanup()` release
 from __future__ import annotations
 
 import base64
-import shutil
 import functools
 import json
 import os
-import re
-import resource
 import selectors
 import signal
 import site
@@ -24,10 +21,10 @@ import tempfile
 import time
 
 from . import cgroups, hostclean
-from .limits import Limits, SandboxError, SandboxResult
-from .uids import UidLease, is_root, processes_of_uid, threads_of_uid
+from .limits import Limits, SandboxError, SandboxResult, classify, rlimits
+from .interpreter import MIN_PATH, hidden_site_dirs, install_paths, sandbox_python
+from .uids import UidLease, processes_of_uid, threads_of_uid
 
-MIN_PATH = "/usr/local/bin:/usr/bin:/bin"
 MAIN_FILE = "main.py"  # the program's file in the working directory
 REPORT_FD_VARIABLE = "MINICODER_REPORT_FD"  # names the report pipe's fd in the program's environment
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -87,49 +84,6 @@ def _environment(python_path: list[str]) -> dict[str, str]:
     if python_path:
         env["PYTHONPATH"] = os.pathsep.join(python_path)
     return env
-
-
-def _rlimits(limits: Limits, uid: int | None, session: bool) -> list[list[int]]:
-    mb = 1024 * 1024
-    # A session's CPU limit is set per call by the worker itself; the wall-clock timeout backs it up.
-    cpu = [resource.RLIM_INFINITY] * 2 if session else [limits.cpu_s, limits.cpu_s + 1]
-    nproc = limits.max_processes
-    if uid is None:  # RLIMIT_NPROC counts every process and thread of the uid, and here that is ours
-        nproc += threads_of_uid(os.getuid())
-    return [
-        [resource.RLIMIT_CPU, *cpu],  # soft: SIGXCPU; hard: SIGKILL
-        [resource.RLIMIT_AS, limits.memory_mb * mb, limits.memory_mb * mb],
-        [resource.RLIMIT_FSIZE, limits.file_size_mb * mb, limits.file_size_mb * mb],
-        [resource.RLIMIT_NPROC, nproc, nproc],
-        [resource.RLIMIT_CORE, 0, 0],
-    ]
-
-
-def _install_paths(interpreter: str) -> list[str]:
-    """What of the Python install the interpreter needs, bound read-only into the run (/usr always is)."""
-    prefixes = {os.path.dirname(os.path.dirname(p)) for p in (interpreter, os.path.realpath(interpreter))}
-    if os.path.realpath(interpreter) == os.path.realpath(sys.executable):
-        prefixes |= {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
-    paths = []
-    for prefix in sorted(prefixes):
-        if prefix in ("/", ""):
-            continue
-        # Not the whole prefix: a Python in ~/bin would otherwise show the home directory.
-        paths += [os.path.join(prefix, name) for name in ("bin", "lib", "lib64", "pyvenv.cfg")]
-    return [p for p in paths if os.path.exists(p)]
-
-
-def _hidden_site_dirs(binds: list[str], allowed: list[str]) -> list[str]:
-    """site-packages inside the bound install that the run may not see (allow_site_packages=False): covered by an
-    empty read-only tmpfs, since a bind cannot leave out a subdirectory."""
-    version = "python%d.%d" % sys.version_info[:2]
-    candidates = set(site.getsitepackages())
-    for bind in binds:
-        for lib in ("lib", "lib64"):
-            for name in ("site-packages", "dist-packages"):
-                candidates.add(os.path.join(bind if bind.endswith(lib) else os.path.join(bind, lib), version, name))
-    return sorted(c for c in candidates if os.path.isdir(c) and c not in allowed and
-                  any(c.startswith(b.rstrip("/") + "/") for b in binds))
 
 
 class Process:
@@ -212,7 +166,9 @@ class Process:
             env[REPORT_FD_VARIABLE] = str(report_w)
         site_dirs = site.getsitepackages() if allow_site_packages else []
         python = interpreter or sandbox_python()
-        binds = sorted(set(_install_paths(python) + site_dirs + python_path))
+        # RLIMIT_NPROC counts every process and thread of the uid; without a uid of its own, that includes ours.
+        nproc_extra = threads_of_uid(os.getuid()) if self.uid is None else 0
+        binds = sorted(set(install_paths(python) + site_dirs + python_path))
         boot = {"site_dirs": site_dirs, "paths": python_path, "worker": child_fds[:2] if worker else None,
                 "cpu_s": self.limits.cpu_s}
         config = {
@@ -226,12 +182,12 @@ class Process:
             "no_netns": os.environ.get("MINICODER_SANDBOX_NO_NETNS") == "1",  # to test the fallback
             "cgroup_procs": self.group.procs_files if self.group else [],
             "binds": binds,
-            "hide": _hidden_site_dirs(binds, site_dirs),
+            "hide": hidden_site_dirs(binds, site_dirs),
             "disk_mb": self.limits.disk_mb,
             "workdir": self.host_workdir,
             "files": {os.path.normpath(name): base64.b64encode(data.encode() if isinstance(data, str) else data)
                       .decode() for name, data in files.items()},
-            "rlimits": _rlimits(self.limits, self.uid, session=worker),
+            "rlimits": rlimits(self.limits, nproc_extra, session=worker),
             # -I isolated, -S site added by boot, -B no .pyc, -u unbuffered (output before a kill is kept)
             "argv": [python, "-I", "-S", "-B", "-u", "-X", "utf8", "-c", _BOOT_COMMAND, _boot_source(),
                      json.dumps(boot)],
@@ -446,7 +402,7 @@ class Process:
             status = why
         else:
             oom = self.group.oom_kills() if self.group is not None else 0
-            status = _classify(returncode, stderr, self.limits, event.get("cpu_s", 0.0), event.get("maxrss_kb", 0),
+            status = classify(returncode, stderr, self.limits, event.get("cpu_s", 0.0), event.get("maxrss_kb", 0),
                                oom)
         return SandboxResult(
             status=status,
@@ -458,68 +414,3 @@ class Process:
             network_isolation=self.network,
             report=bytes(self.report) if self.report is not None else None,
         )
-
-
-# The last line of a traceback (numpy's is `numpy...._ArrayMemoryError: ...`), ENOMEM, a C++ allocation failure.
-_MEMORY_MESSAGE = re.compile(r"^[\w.]*MemoryError\b|Cannot allocate memory|std::bad_alloc", re.M)
-
-
-def _classify(returncode: int | None, stderr: str, limits: Limits, cpu_s: float, maxrss_kb: int, oom: int) -> str:
-    if returncode == 0:
-        return "ok"
-    if oom:
-        return "memory"  # the kernel killed a process of the run at the run's memory limit
-    if returncode is None:
-        return "killed"
-    if _MEMORY_MESSAGE.search(stderr[-4000:]):
-        return "memory"
-    if returncode == -signal.SIGXCPU or (returncode == -signal.SIGKILL and cpu_s >= limits.cpu_s):
-        return "cpu"
-    if returncode < 0:
-        if maxrss_kb * 1024 >= 0.9 * limits.memory_mb * 1024 * 1024:
-            return "memory"  # killed while at its memory limit (allocation failure inside C code)
-        return "killed"
-    return "error"
-
-
-def _host_version() -> str:
-    return "%d.%d" % sys.version_info[:2]
-
-
-def sandbox_python() -> str:
-    """The interpreter programs run on: one the sandbox uid can execute, of the host's Python version."""
-    override = os.environ.get("MINICODER_SANDBOX_PYTHON")
-    if override:
-        return override
-    if not is_root():
-        return sys.executable  # same uid as the host: whatever runs us runs the program
-    # With a private root the host's interpreter is bound in where the uid can reach it; without one, a 0700
-    # directory on the way (pyenv under /root) may keep the uid out.
-    return _pick_python(use_namespaces())
-
-
-@functools.lru_cache(maxsize=None)
-def _pick_python(namespaces: bool) -> str:
-    candidates = [sys.executable, getattr(sys, "_base_executable", ""), os.path.realpath(sys.executable)]
-
-    candidates += [shutil.which(f"python{_host_version()}", path=MIN_PATH) or ""]
-    candidates += [shutil.which("python3", path=MIN_PATH) or ""]
-    tried = []
-    for candidate in dict.fromkeys(c for c in candidates if c):
-        try:
-            probe = Process(
-                "import sys; print('%d.%d' % sys.version_info[:2])",
-                limits=Limits(timeout_s=10, disk_mb=8),
-                interpreter=candidate,
-                allow_site_packages=False,
-            ).run()
-        except SandboxError as exc:  # typically: permission denied on the way to it
-            tried.append(f"{candidate}: {exc}")
-            continue
-        if probe.status == "ok" and probe.stdout.strip() == _host_version():
-            return candidate
-        tried.append(f"{candidate}: {probe.status} {probe.stdout.strip()} {probe.stderr.strip()[-200:]}")
-    raise SandboxError(
-        "no Python interpreter that the sandbox uid can run (the host's may sit in a private directory); "
-        "set MINICODER_SANDBOX_PYTHON to one. Tried: " + "; ".join(tried)
-    )
