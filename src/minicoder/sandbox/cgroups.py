@@ -67,9 +67,7 @@ def layout() -> tuple[str, dict[str, str]] | tuple[None, str]:
             with open(os.path.join(mounts[""], own[""].lstrip("/"), "cgroup.controllers")) as f:
                 offered = f.read().split()
             if {"memory", "pids"} <= set(offered) and _writable_dir(base):
-                os.makedirs(parent, exist_ok=True)
-                with open(os.path.join(parent, "cgroup.subtree_control"), "w") as f:
-                    f.write("+memory +pids")
+                _make_parent("v2", parent)
                 return "v2", {"": parent}
         except OSError:
             pass  # the usual reason: our group holds processes, so it cannot delegate ("no internal processes")
@@ -82,11 +80,18 @@ def layout() -> tuple[str, dict[str, str]] | tuple[None, str]:
     if set(parents) == {"memory", "pids"}:
         try:
             for parent in parents.values():
-                os.makedirs(parent, exist_ok=True)
+                _make_parent("v1", parent)
         except OSError as exc:
             return None, f"cannot create {parent} ({exc})"
         return "v1", parents
     return None, "no writable cgroup with the memory and pids controllers"
+
+
+def _make_parent(version: str, parent: str) -> None:
+    os.makedirs(parent, exist_ok=True)
+    if version == "v2":  # children get the controllers only if the parent hands them down
+        with open(os.path.join(parent, "cgroup.subtree_control"), "w") as f:
+            f.write("+memory +pids")
 
 
 def describe() -> str:
@@ -118,7 +123,14 @@ class RunGroup:
         try:
             for controller, parent in parents.items():
                 path = os.path.join(parent, name)
-                os.mkdir(path)
+                for attempt in range(5):
+                    try:
+                        os.mkdir(path)
+                        break
+                    except FileNotFoundError:  # another host process, exiting, removed the empty parent
+                        if attempt == 4:
+                            raise
+                        _make_parent(version, parent)
                 self.dirs.append(path)
                 self._limit(version, controller, path, memory_mb << 20, max_processes)
         except OSError:
@@ -177,8 +189,9 @@ class RunGroup:
         self.dirs = []
 
 
-def remove_stale(parents: dict[str, str]) -> None:
-    """Remove the empty run groups of host processes that died before they could (a killed evaluation)."""
+def _run_groups(parents: dict[str, str]) -> list[tuple[str, int | None]]:
+    """(path, host pid from its name, or None when the name is not ours) of every run group there is now."""
+    found = []
     for parent in parents.values():
         try:
             names = os.listdir(parent)
@@ -186,10 +199,17 @@ def remove_stale(parents: dict[str, str]) -> None:
             continue
         for name in names:
             parts = name.split("-")
-            if len(parts) != 3 or parts[0] != "run" or not parts[1].isdigit() or _pid_alive(int(parts[1])):
-                continue
+            host = int(parts[1]) if len(parts) == 3 and parts[0] == "run" and parts[1].isdigit() else None
+            found.append((os.path.join(parent, name), host))
+    return found
+
+
+def remove_stale(parents: dict[str, str]) -> None:
+    """Remove the empty run groups of host processes that died before they could (a killed evaluation)."""
+    for path, host in _run_groups(parents):
+        if host is not None and not _pid_alive(host):
             try:
-                os.rmdir(os.path.join(parent, name))
+                os.rmdir(path)
             except OSError:
                 pass  # still has processes; a later start tries again
 
@@ -207,27 +227,7 @@ def _pid_alive(pid: int) -> bool:
 def groups_in_use() -> list[str]:
     """Run groups that exist now (of any host process): for leak checks."""
     version, parents = layout()
-    if version is None:
-        return []
-    found = []
-    for parent in parents.values():
-        try:
-            found += [os.path.join(parent, n) for n in os.listdir(parent) if n.startswith("run-")]
-        except OSError:
-            pass
-    return found
-
-
-def tasks_in_groups() -> list[int]:
-    """Pids inside any run group, of this host or another: for leak checks."""
-    pids = set()
-    for path in groups_in_use():
-        try:
-            with open(os.path.join(path, "cgroup.procs")) as f:
-                pids.update(int(line) for line in f if line.strip())
-        except OSError:
-            pass
-    return sorted(pids)
+    return [path for path, _ in _run_groups(parents)] if version else []
 
 
 @atexit.register
@@ -237,8 +237,8 @@ def _remove_parents() -> None:
     version, parents = layout() if layout.cache_info().currsize else (None, None)
     if version is None:
         return
+    remove_stale(parents)
     for parent in parents.values():
-        remove_stale(parents)
         try:
             os.rmdir(parent)
         except OSError:
@@ -246,24 +246,18 @@ def _remove_parents() -> None:
 
 
 def stale_tasks() -> list[int]:
-    """Pids inside run groups whose host process is gone: leaked by a run nobody ends any more."""
+    """Pids inside run groups that no live run owns (of this host, or of a host that is gone): leaked processes.
+    The runs of other live host processes (an evaluation beside the tests) do not count."""
     version, parents = layout()
     if version is None:
         return []
     pids = set()
-    for parent in parents.values():
-        try:
-            names = os.listdir(parent)
-        except OSError:
+    for path, host in _run_groups(parents):
+        if host is not None and host != os.getpid() and _pid_alive(host):
             continue
-        for name in names:
-            parts = name.split("-")
-            if len(parts) == 3 and parts[0] == "run" and parts[1].isdigit() and _pid_alive(int(parts[1])):
-                if int(parts[1]) != os.getpid():
-                    continue  # another live host's run
-            try:
-                with open(os.path.join(parent, name, "cgroup.procs")) as f:
-                    pids.update(int(line) for line in f if line.strip())
-            except OSError:
-                pass
+        try:
+            with open(os.path.join(path, "cgroup.procs")) as f:
+                pids.update(int(line) for line in f if line.strip())
+        except OSError:
+            pass
     return sorted(pids)

@@ -121,6 +121,7 @@ class Process:
         self.lifeline_w: int | None = None  # never written; its EOF tells the launcher the host is gone
         self.output_bytes = 0  # counted since the last take_output (per call in a session)
         self.truncated = False
+        self.sweep_host = not probe  # a probe never runs anything as the uid
         self.started = time.monotonic()
         self.program_started: float | None = None  # when init reported the run's setup done
         try:
@@ -369,7 +370,7 @@ class Process:
         if self.host_workdir is not None:
             hostclean.rmtree(self.host_workdir)
             self.host_workdir = None
-        if self.uid is not None and "mount" not in self.namespaces:  # a namespace's files and IPC die with it
+        if self.uid is not None and self.sweep_host and "mount" not in self.namespaces:  # else they die with it
             hostclean.remove_files_of_uid(self.uid)
             hostclean.remove_ipc_of_uid(self.uid)
         if self.group is not None:
