@@ -703,3 +703,53 @@ def test_runs_go_on_when_another_host_removed_the_empty_cgroup_parent():
         os.rmdir(parent)
     assert run_python("print('still limited')", limits=FAST).stdout == "still limited\n"
     assert all(os.path.isdir(parent) for parent in cgroups.layout()[1].values())
+
+
+UNPRIVILEGED_HOST = r'''
+import json, sys
+sys.path.insert(0, SRC)
+from minicoder.sandbox import Limits, run_python
+code = """
+import ctypes, json, os
+libc = ctypes.CDLL(None, use_errno=True)
+print(json.dumps({
+    "remount_rw": libc.mount(None, b"/usr", None, 32 | 4096, None),  # MS_REMOUNT | MS_BIND, without MS_RDONLY
+    "umount": libc.umount2(b"/usr", 2),
+    "capabilities": open("/proc/self/status").read().split("CapEff:")[1].split()[0],
+    "sees_host": os.path.exists(SRC),
+}))
+"""
+r = run_python(code.replace("SRC", repr(SRC)), limits=Limits(timeout_s=10))
+print(json.dumps({"status": r.status, "stderr": r.stderr, "seen": r.stdout}))
+'''
+
+
+@needs_root
+def test_an_unprivileged_host_gets_namespaces_without_capabilities(tmp_path):
+    # Not root: the namespaces come from a user namespace, where the program would be root with every
+    # capability (and could remount its read-only binds writable) unless they are dropped.
+    import json
+    import shutil
+
+    import minicoder
+
+    python = shutil.which(f"python{sys.version_info[0]}.{sys.version_info[1]}", path="/usr/bin:/bin")
+    if not shutil.which("setpriv") or not python:
+        pytest.skip("needs setpriv and a system Python of this version")
+    src = os.path.dirname(os.path.dirname(minicoder.__file__))
+    script = tmp_path / "host.py"
+    script.write_text(UNPRIVILEGED_HOST.replace("SRC", repr(src), 1))
+    os.chmod(tmp_path, 0o755)
+    os.chmod(script, 0o644)
+    proc = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-W", "ignore", str(script)],
+        capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "HOME": "/"}, cwd="/",
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot run a host as nobody here: {proc.stderr[-300:]}")
+    outcome = json.loads(proc.stdout.splitlines()[-1])
+    if "sandbox setup failed" in outcome["stderr"] or not outcome["seen"]:
+        pytest.skip(f"no user namespaces for unprivileged users here: {outcome['stderr'][-300:]}")
+    seen = json.loads(outcome["seen"])
+    assert outcome["status"] == "ok"
+    assert seen == {"remount_rw": -1, "umount": -1, "capabilities": "0000000000000000", "sees_host": False}

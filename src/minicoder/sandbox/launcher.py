@@ -28,7 +28,7 @@ import socket
 import sys
 import time
 
-PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
+PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 24, 36, 38
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 _STOP_GRACE_S = 1.0  # init gets this long to kill the run and report, then the launcher kills init
@@ -111,7 +111,8 @@ class Init:
                 socket.sethostname("sandbox")
             else:
                 workdir = cfg["workdir"]
-            write_files(workdir, cfg["files"], self.uid)
+            if not cfg["probe"]:
+                write_files(workdir, cfg["files"], self.uid)
         except BaseException as exc:
             report(cfg, event="error", error="sandbox setup failed: %s: %s" % (type(exc).__name__, exc))
             os._exit(1)
@@ -147,6 +148,10 @@ class Init:
             os.close(cfg["status_fd"])  # the program must not hold (or forge) our reports
             for res, soft, hard in cfg["rlimits"]:
                 resource.setrlimit(res, (soft, hard))  # as root still, so hard limits can be set
+            # No capabilities after exec, even as root of a user namespace (the unprivileged case), where they
+            # would let the program undo its read-only binds.
+            for cap in range(64):
+                libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
             if uid is not None:
                 os.setgroups([])
                 os.setgid(uid)
