@@ -707,6 +707,7 @@ def test_runs_go_on_when_another_host_removed_the_empty_cgroup_parent():
 
 UNPRIVILEGED_HOST = r'''
 import json, sys
+SRC = HOST_SRC
 sys.path.insert(0, SRC)
 from minicoder.sandbox import Limits, run_python
 code = """
@@ -725,7 +726,7 @@ print(json.dumps({"status": r.status, "stderr": r.stderr, "seen": r.stdout}))
 
 
 @needs_root
-def test_an_unprivileged_host_gets_namespaces_without_capabilities(tmp_path):
+def test_an_unprivileged_host_gets_namespaces_without_capabilities():
     # Not root: the namespaces come from a user namespace, where the program would be root with every
     # capability (and could remount its read-only binds writable) unless they are dropped.
     import json
@@ -737,14 +738,20 @@ def test_an_unprivileged_host_gets_namespaces_without_capabilities(tmp_path):
     if not shutil.which("setpriv") or not python:
         pytest.skip("needs setpriv and a system Python of this version")
     src = os.path.dirname(os.path.dirname(minicoder.__file__))
-    script = tmp_path / "host.py"
-    script.write_text(UNPRIVILEGED_HOST.replace("SRC", repr(src), 1))
-    os.chmod(tmp_path, 0o755)
-    os.chmod(script, 0o644)
-    proc = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-W", "ignore", str(script)],
-        capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "HOME": "/"}, cwd="/",
-    )
+    script_dir = tempfile.mkdtemp(prefix="minicoder-test-host-")  # pytest's tmp_path is private to root
+    try:
+        os.chmod(script_dir, 0o755)
+        script = os.path.join(script_dir, "host.py")
+        with open(script, "w") as f:
+            f.write(UNPRIVILEGED_HOST.replace("HOST_SRC", repr(src)))
+        os.chmod(script, 0o644)
+        proc = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-W", "ignore", script],
+            capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "HOME": "/"}, cwd="/",
+        )
+    finally:
+        os.unlink(script)
+        os.rmdir(script_dir)
     if proc.returncode != 0:
         pytest.skip(f"cannot run a host as nobody here: {proc.stderr[-300:]}")
     outcome = json.loads(proc.stdout.splitlines()[-1])
