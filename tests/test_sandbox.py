@@ -601,10 +601,11 @@ def _alive(pid: int) -> bool:
 
 
 def test_killed_host_leaves_no_work_directory(tmp_path, mode):
+    marker = f"marker-{os.getpid()}-{time.monotonic_ns()}"  # other helpers' runs may have dirs in /tmp too
     script = tmp_path / "host.py"
     script.write_text(
         "from minicoder.sandbox import run_python, Limits\n"
-        "run_python(\"import os\\nopen('marker', 'w').write('x')\\nprint(os.getcwd(), flush=True)\\n"
+        f"run_python(\"import os\\nopen('{marker}', 'w').write('x')\\nprint(os.getcwd(), flush=True)\\n"
         "import time\\ntime.sleep(100)\", limits=Limits(timeout_s=120))\n"
     )
     before = set(os.listdir(tempfile.gettempdir()))
@@ -617,7 +618,8 @@ def test_killed_host_leaves_no_work_directory(tmp_path, mode):
     host.wait()
     time.sleep(0.5)
     run_python("pass", limits=FAST)  # a later run sweeps what a dead host left, where anything can be left
-    left = {n for n in set(os.listdir(tempfile.gettempdir())) - before if n.startswith("minicoder-sandbox")}
+    tmp = tempfile.gettempdir()
+    left = {n for n in set(os.listdir(tmp)) - before if os.path.exists(os.path.join(tmp, n, marker))}
     assert left == set()
     deadline = time.monotonic() + 5
     while stray_processes() and time.monotonic() < deadline:  # the run itself dies with its lifeline
