@@ -78,9 +78,9 @@ def observation(result: SandboxResult, limits: Limits, max_chars: int = 2000) ->
     if stderr.strip():
         output += ("" if not output or output.endswith("\n") else "\n") + stderr
     output = output.strip("\n")
-    if result.returncode not in (None, 0, 1):  # sys.exit(3), os._exit(3), or a signal
-        code = result.returncode
-        output += f"\n(exit status {code})" if code > 0 else f"\n(killed by signal {-code})"
+    code = result.returncode
+    if code not in (None, 0, 1) and result.status not in ("timeout", "output_limit"):  # not our own kill
+        output = "\n".join(filter(None, [output, f"(exit status {code})" if code > 0 else f"(killed by signal {-code})"]))
     if len(output) > max_chars:
         cut = len(output) - max_chars
         output = f"{output[: max_chars // 2]}\n... [{cut:,} characters cut] ...\n{output[-max_chars // 2:]}"
