@@ -49,6 +49,6 @@ def format_step(step: Step) -> str:
     """The seed project's console layout: the model's reply, then the observation between rules."""
     if step.kind == "model":
         return f"🤖:\n{step.text.strip()}\n"
-    title = " Observation "
+    title = " sandbox "
     side = (len(RULE) * 2 - len(title)) // 2
     return f"{RULE[:side]}{title}{RULE[:side]}\n{step.text}\n{RULE * 2}\n"
