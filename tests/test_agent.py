@@ -103,16 +103,21 @@ def test_state_persists_and_the_session_survives_bad_cells():
         "1 / 0",
         "while True:\n    pass",  # CPU-bound loop: stopped by the per-call CPU limit, state kept
         "print(value)",
+        "block = bytearray(4 * 1024 ** 3)",  # past the memory limit
+        "import urllib.request\nurllib.request.urlopen('http://example.com', timeout=5)",  # no network
         "while True:\n    print('y' * 1000)",  # floods the output: the worker is killed
         "print('value' in globals(), derivative(lambda t: t * t, 3.0))",  # state gone, the tool defined again
         "import os\nos._exit(3)",
         "print('still here')",
-    ], Limits(timeout_s=60, cpu_s=1, max_output_bytes=200_000))  # a long wall clock: the CPU limit acts first
+    ], Limits(timeout_s=60, cpu_s=1, memory_mb=1024, max_output_bytes=200_000))  # a long wall clock: the CPU limit acts first
     assert observations[1] == "Observation:\n7.0"
     assert observations[2].startswith("Observation (error: the code raised an exception") and \
         "ZeroDivisionError: division by zero" in observations[2]
     assert observations[3].startswith("Observation (stopped: it used more than 1 s of CPU time; variables")
     assert observations[4] == "Observation:\n41"
+    assert observations.pop(5).startswith("Observation (stopped: it ran out of memory (limit 1024 MB)):")
+    network = observations.pop(5)
+    assert network.startswith("Observation (error:") and "URLError" in network
     assert observations[5].startswith("Observation (stopped: it printed more than 200,000 bytes; the session "
                                       "was restarted")
     assert len(observations[5]) < 2400 and "characters cut" in observations[5]
@@ -127,6 +132,14 @@ def test_a_cell_past_the_time_limit_is_stopped():
     assert observations[1] == ("Observation (stopped: it ran past the 2 s time limit; the session was restarted: "
                                "variables from earlier code are gone (the tools are defined again)):\n(no output)")
     assert observations[2] == "Observation:\nFalse"
+
+
+def test_a_conversation_can_continue_in_its_session():
+    agent = CodeActAgent(ScriptedChatModel(replies=["```python\ntotal = 40\n```", "set"]))
+    with agent.new_session() as session:
+        assert agent.run("set it", session=session).answer == "set"
+        agent.chat_model = ScriptedChatModel(replies=["```python\nprint(total + 2)\n```", "read"])
+        assert agent.run("read it", session=session).steps[1].text == "Observation:\n42"
 
 
 def test_max_turns_ends_a_model_that_never_answers():

@@ -79,7 +79,7 @@ class Tool:
         if not path.is_file():
             raise MinicoderError(f"--tools {spec!r}: {path} is not a file")
         module_name = path.stem
-        if not module_name.isidentifier():
+        if not module_name.isidentifier() or module_name == "main":  # the sandbox's own main.py
             raise MinicoderError(f"--tools {spec!r}: {path.name} is not an importable module name")
         loaded = importlib.util.module_from_spec(
             importlib.util.spec_from_file_location(f"_minicoder_tool_{module_name}", path))
