@@ -124,12 +124,9 @@ class LocalBackend:
                 try:
                     item = outputs.get(timeout=None if deadline is None else max(deadline - time.monotonic(), 0))
                 except queue.Empty:
-                    raise TimeoutError(f"generation took longer than timeout={timeout} s") from None
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                chunk = _chunk(item)
-                if chunk.text or chunk.last:
+                    raise _timeout(timeout) from None
+                finished, chunk = _received(item)
+                if chunk is not None:
                     yield chunk
         finally:
             if not finished:  # the consumer stopped early, timed out or failed: free the KV blocks
@@ -148,12 +145,9 @@ class LocalBackend:
                 try:
                     item = await asyncio.wait_for(outputs.get(), None if deadline is None else deadline - loop.time())
                 except asyncio.TimeoutError:
-                    raise TimeoutError(f"generation took longer than timeout={timeout} s") from None
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                chunk = _chunk(item)
-                if chunk.text or chunk.last:
+                    raise _timeout(timeout) from None
+                finished, chunk = _received(item)
+                if chunk is not None:
                     yield chunk
         finally:
             if not finished:
@@ -173,7 +167,7 @@ class LocalBackend:
                 try:
                     i, item = outputs.get(timeout=None if deadline is None else max(deadline - time.monotonic(), 0))
                 except queue.Empty:
-                    raise TimeoutError(f"generation took longer than timeout={timeout} s") from None
+                    raise _timeout(timeout) from None
                 if isinstance(item, BaseException):
                     raise item
                 if item.finished:
@@ -183,6 +177,18 @@ class LocalBackend:
                 if request_id in self._deliveries:
                     self.cancel(request_id)
         return [_chunk(final[i], whole=True) for i in range(len(prompts))]
+
+
+def _received(item: RequestOutput | BaseException) -> tuple[bool, Chunk | None]:
+    """(finished, the chunk to pass on: None for an empty delta) of what the stepping thread delivered."""
+    if isinstance(item, BaseException):
+        raise item
+    chunk = _chunk(item)
+    return item.finished, (chunk if chunk.text or chunk.last else None)
+
+
+def _timeout(timeout: float | None) -> TimeoutError:
+    return TimeoutError(f"generation took longer than timeout={timeout} s")
 
 
 def _chunk(out: RequestOutput, whole: bool = False) -> Chunk:
