@@ -155,9 +155,11 @@ def test_batch_runs_as_one_engine_batch(model_dir, reference, monkeypatch):
     assert max(running) == len(prompts)  # all four decoded in the same steps, not one after another
 
     running.clear()
-    replies = ChatMinicoder(model=str(model_dir), **GREEDY).batch([[HumanMessage(p)] for p in prompts])
-    assert [r.content for r in replies] == [reference([{"role": "user", "content": p}])[0] for p in prompts]
-    assert max(running) > 1  # invokes on concurrent threads: batched as they arrive, not one by one
+    # Chat batches are invokes on concurrent threads, batched as they arrive; long replies make them overlap.
+    replies = ChatMinicoder(model=str(model_dir), **{**GREEDY, "max_tokens": 48}).batch([[HumanMessage(p)]
+                                                                                       for p in prompts])
+    assert [r.content for r in replies] == [reference([{"role": "user", "content": p}], 48)[0] for p in prompts]
+    assert max(running) > 1
 
 
 def test_server_batch_and_chat_mode(server_url, reference):

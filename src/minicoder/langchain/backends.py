@@ -56,6 +56,7 @@ class LocalBackend:
         self.model_name = engine.model_path.resolve().name
         self._deliveries: dict[str, Callable[[RequestOutput | BaseException], None]] = {}
         self._wake = threading.Event()
+        self._stepping = threading.Lock()  # held during a step; a batch holds it to queue all its prompts at once
         self._thread = threading.Thread(target=self._run, name="minicoder-langchain-engine", daemon=True)
         self._thread.start()
 
@@ -67,7 +68,8 @@ class LocalBackend:
                 self._wake.wait()
                 continue
             try:
-                outputs = self.engine.step()
+                with self._stepping:
+                    outputs = self.engine.step()
             except Exception as error:  # a bug or out of memory: fail every waiting caller, keep serving
                 log.exception("engine step failed")
                 for request_id, deliver in list(self._deliveries.items()):
@@ -86,10 +88,12 @@ class LocalBackend:
                 except RuntimeError:  # the caller's event loop is gone
                     self.cancel(out.request_id)
 
-    def submit(self, prompt: Prompt, params: SamplingParams, deliver: Callable, max_retries: int = 0) -> str:
+    def prompt_ids(self, prompt: Prompt) -> list[int]:
+        return self.engine.prompts.completion(prompt) if isinstance(prompt, str) else self.engine.prompts.chat(prompt)
+
+    def submit(self, ids: list[int], params: SamplingParams, deliver: Callable, max_retries: int = 0) -> str:
         """Queue a request; `deliver` gets each RequestOutput (or an exception) on the stepping thread.
         A full waiting queue is retried `max_retries` times with exponential backoff."""
-        ids = self.engine.prompts.completion(prompt) if isinstance(prompt, str) else self.engine.prompts.chat(prompt)
         request_id = f"lc-{uuid.uuid4().hex[:12]}"
         self._deliveries[request_id] = deliver
         for attempt in range(max_retries + 1):
@@ -116,7 +120,7 @@ class LocalBackend:
     def stream(self, prompt: Prompt, params: SamplingParams, timeout: float | None = None,
                max_retries: int = 0) -> Iterator[Chunk]:
         outputs: queue.SimpleQueue = queue.SimpleQueue()
-        request_id = self.submit(prompt, params, outputs.put, max_retries)
+        request_id = self.submit(self.prompt_ids(prompt), params, outputs.put, max_retries)
         deadline = None if timeout is None else time.monotonic() + timeout
         finished = False
         try:
@@ -136,8 +140,9 @@ class LocalBackend:
                       max_retries: int = 0) -> AsyncIterator[Chunk]:
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
-        request_id = await asyncio.to_thread(
-            self.submit, prompt, params, lambda item: loop.call_soon_threadsafe(outputs.put_nowait, item), max_retries)
+        request_id = await asyncio.to_thread(self.submit, self.prompt_ids(prompt), params,
+                                             lambda item: loop.call_soon_threadsafe(outputs.put_nowait, item),
+                                             max_retries)
         deadline = None if timeout is None else loop.time() + timeout
         finished = False
         try:
@@ -158,9 +163,17 @@ class LocalBackend:
         """All prompts submitted before any finishes, so the engine steps them as one batch."""
         outputs: queue.SimpleQueue = queue.SimpleQueue()
         request_ids = []
+        all_ids = [self.prompt_ids(p) for p in prompts]
+        delivery = [lambda item, i=i: outputs.put((i, item)) for i in range(len(prompts))]
         try:
-            for i, prompt in enumerate(prompts):
-                request_ids.append(self.submit(prompt, params, lambda item, i=i: outputs.put((i, item)), max_retries))
+            with self._stepping:  # no step starts until every prompt is queued: the scheduler admits them together
+                for ids, deliver in zip(all_ids, delivery):
+                    try:
+                        request_ids.append(self.submit(ids, params, deliver))
+                    except QueueFull:  # the rest waits for room below, with steps running again
+                        break
+            for ids, deliver in list(zip(all_ids, delivery))[len(request_ids):]:
+                request_ids.append(self.submit(ids, params, deliver, max_retries))
             final: dict[int, RequestOutput] = {}
             deadline = None if timeout is None else time.monotonic() + timeout
             while len(final) < len(prompts):
