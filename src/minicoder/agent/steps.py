@@ -9,7 +9,7 @@ from langchain_core.messages import BaseMessage
 
 from ..sandbox import SandboxResult
 
-RULE = "*" * 32
+RULE_WIDTH = 64
 
 
 @dataclass
@@ -49,6 +49,4 @@ def format_step(step: Step) -> str:
     """The seed project's console layout: the model's reply, then the observation between rules."""
     if step.kind == "model":
         return f"🤖:\n{step.text.strip()}\n"
-    title = " sandbox "
-    side = (len(RULE) * 2 - len(title)) // 2
-    return f"{RULE[:side]}{title}{RULE[:side]}\n{step.text}\n{RULE * 2}\n"
+    return f"{' sandbox ':*^{RULE_WIDTH}}\n{step.text}\n{'':*^{RULE_WIDTH}}\n"
