@@ -5,6 +5,7 @@ checked against the engine's own greedy output for the same prompt."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import openai
 import pytest
@@ -212,3 +213,14 @@ def test_timeout_cancels_the_request(model_dir):
             break
         asyncio.run(asyncio.sleep(0.01))
     assert not engine.has_unfinished()
+
+
+def test_a_request_the_engine_fails_raises(model_dir, monkeypatch):
+    engine = local_backend(model_dir).engine
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: [dataclasses.replace(out, finished=True, finish_reason="error")
+                                                 for out in step()])
+    with pytest.raises(RuntimeError, match="engine failed request"):
+        MinicoderLLM(model=str(model_dir), mode="completion", **GREEDY).invoke(PROMPT)
+    with pytest.raises(RuntimeError, match="engine failed request"):
+        list(ChatMinicoder(model=str(model_dir), **GREEDY).stream("hi"))

@@ -181,8 +181,7 @@ class LocalBackend:
                     i, item = outputs.get(timeout=None if deadline is None else max(deadline - time.monotonic(), 0))
                 except queue.Empty:
                     raise _timeout(timeout) from None
-                if isinstance(item, BaseException):
-                    raise item
+                _raise_failure(item)
                 if item.finished:
                     final[i] = item
         finally:
@@ -194,10 +193,17 @@ class LocalBackend:
 
 def _received(item: RequestOutput | BaseException) -> tuple[bool, Chunk | None]:
     """(finished, the chunk to pass on: None for an empty delta) of what the stepping thread delivered."""
-    if isinstance(item, BaseException):
-        raise item
+    _raise_failure(item)
     chunk = _chunk(item)
     return item.finished, (chunk if chunk.text or chunk.last else None)
+
+
+def _raise_failure(item: RequestOutput | BaseException):
+    """An exception from the stepping thread, or a request the engine ended alone (finish_reason "error")."""
+    if isinstance(item, BaseException):
+        raise item
+    if item.finish_reason == "error":
+        raise RuntimeError(f"the engine failed request {item.request_id}: {getattr(item, 'error', None)}")
 
 
 def _timeout(timeout: float | None) -> TimeoutError:
