@@ -5,6 +5,7 @@
   minicoder data pack --corpus DIR --tokenizer DIR --out DIR    FIM + tokenize -> uint16 shards
   minicoder pretrain --config FILE --data DIR --out DIR          train (torchrun for several processes)
   minicoder generate MODEL --prompt TEXT [--suffix TEXT]         completion / fill-in-the-middle
+  minicoder agent MODEL|--endpoint URL "question" [--tools ...]   CodeAct agent, code runs in the sandbox
 
 Errors the user can fix print as one `error:` line (exit status 2), never a traceback.
 """
@@ -126,6 +127,12 @@ def cmd_serve(args):
 
 def cmd_chat(args):
     from .chat import run
+
+    return run(args)
+
+
+def cmd_agent(args):
+    from .agent.cli import run
 
     return run(args)
 
@@ -256,6 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     ch = sub.add_parser("chat", help="terminal chat with a pretrained (raw) or SFT (chat template) model")
     configure_chat(ch)
     ch.set_defaults(func=cmd_chat)
+
+    from .agent.cli import configure_parser as configure_agent
+
+    ag = sub.add_parser("agent", help="CodeAct agent: the model answers with Python that runs in the sandbox")
+    configure_agent(ag)
+    ag.set_defaults(func=cmd_agent)
 
     ev = sub.add_parser("eval", help="HumanEval pass@k, single-line infilling, held-out loss").add_subparsers(
         dest="eval_command", required=True)
