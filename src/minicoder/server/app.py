@@ -12,6 +12,7 @@ prompt token ids + `SamplingParams`, and engine outputs into JSON or server-sent
   POST /v1/completions        completion, fill-in-the-middle (`suffix`), n, stop, seed, logprobs, echo, stream
   POST /v1/chat/completions   chat through the model's chat template, n, stop, seed, logprobs, stream
   GET  /health, GET /metrics  liveness; Prometheus text
+  GET  /, /ui/...             the web UI (browsers), the server's description (JSON); see ui_routes.py
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from .cli import configure_serve_parser, run_serve  # noqa: F401  (`minicoder se
 from .errors import APIError, install_error_handlers
 from .generation import Generation
 from .metrics import ServerMetrics
+from .ui_routes import install_ui
 from .protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChatLogprobs, CompletionChoice, CompletionLogprobs, CompletionRequest,
                        CompletionResponse, Delta, ErrorResponse, ModelCard, ModelList, PromptTokensDetails,
@@ -83,6 +85,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
     install_error_handlers(app)
     app.include_router(server.open_routes())
     app.include_router(server.generation_routes())
+    install_ui(app)  # GET /: the web UI for browsers, this server's description as JSON otherwise
     return app
 
 

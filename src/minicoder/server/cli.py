@@ -51,4 +51,5 @@ def run_serve(args: argparse.Namespace):
     log.info("serving %s as %r on http://%s:%d (backend %s, context %d tokens)%s", args.model, name, args.host,
              args.port, engine.engine.backend, engine.engine.max_request_tokens,
              "; API key required" if args.api_key else "")
+    log.info("web UI: http://%s:%d/ (open it in a browser)", args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
