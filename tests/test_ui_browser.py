@@ -244,7 +244,7 @@ def test_markdown_code_blocks_are_highlighted_sanitized_and_copyable(page, serve
         const c = {id: 'md-demo', title: 'Write add()', system: '', updated: Date.now(), messages: [
           {role: 'user', content: 'Write a Python function that adds two numbers.'},
           {role: 'assistant', content: 'Here it is:\\n\\n```python\\n' + code + '\\n```\\n\\n'
-             + 'Call `add(1, 2)` to get **3**. <img src=x onerror="window.pwned=1">',
+             + 'Call `add(1, 2)` to get **3**. <img src=x onerror="window.pwned=1"><script>window.pwned=2</script>',
            stats: {prompt_tokens: 21, cached_tokens: 0, completion_tokens: 34, exact: true, seconds: 0.4,
                    first_token_seconds: 0.02, decode_seconds: 0.38, finish_reason: 'stop'}}]};
         const list = JSON.parse(localStorage.getItem('minicoder.conversations') || '[]');
@@ -255,7 +255,8 @@ def test_markdown_code_blocks_are_highlighted_sanitized_and_copyable(page, serve
     block = page.locator("#messages > li.assistant pre.code-block")
     expect(block.locator("span.hljs-keyword").first).to_have_text("def")
     assert page.evaluate("window.pwned") is None
-    assert page.locator("#messages img[onerror]").count() == 0
+    assert page.locator("#messages img, #messages script").count() == 0
+    expect(page.locator("#messages > li.assistant strong")).to_have_text("3")
     block.get_by_role("button", name="Copy python code").click()
     assert page.evaluate("navigator.clipboard.readText()") == code
     # A live reply from the tiny model under the stored one, for the screenshot.

@@ -9,8 +9,8 @@ browser closes it upstream (which cancels the generation there). Light to import
 uvicorn load only when it runs.
 """
 
-from __future__ import annotations
 
+# No `from __future__ import annotations`: FastAPI must see the real `Request` class of the route below.
 import argparse
 import os
 from urllib.parse import urlsplit
@@ -62,8 +62,11 @@ def create_proxy_app(endpoint: str, api_key: str | None = None):
     app = FastAPI(title="minicoder ui", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.mount("/ui", StaticFiles(directory=UI_DIR), name="ui")
 
-    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])
-    async def forward(path: str, request: Request):
+    methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
+
+    @app.api_route("/", methods=methods)
+    @app.api_route("/{path:path}", methods=methods)
+    async def forward(request: Request, path: str = ""):
         if path == "" and request.method == "GET" and wants_html(request.headers.get("accept", "")):
             return FileResponse(INDEX, media_type="text/html; charset=utf-8", headers={"Cache-Control": "no-cache"})
         headers = {k: v for k, v in request.headers.items() if k.lower() in ("accept", "content-type", "authorization")}

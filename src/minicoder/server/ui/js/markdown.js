@@ -2,10 +2,14 @@
 // highlight.js colours the code blocks, each of which gets a copy button.
 
 import { Marked } from "../vendor/marked.esm.js";
-import DOMPurify from "../vendor/purify.es.mjs";
+import DOMPurify from "../vendor/purify.es.js";
 import hljs from "../vendor/highlight.min.js";
 
 const marked = new Marked({ gfm: true, breaks: true });
+// Model text is untrusted: no scripts (DOMPurify's default), and nothing that loads from elsewhere or
+// looks like the page's own controls (images would also make an offline page reach out to the network).
+const SANITIZE = { FORBID_TAGS: ["img", "style", "form", "input", "button", "textarea", "select", "video", "audio"],
+                   FORBID_ATTR: ["style"] };
 
 export { hljs };
 
@@ -17,7 +21,7 @@ export function highlight(code, language) {
 
 /** Render Markdown `text` into `element`: sanitized, code highlighted, copy buttons added. */
 export function renderMarkdown(element, text) {
-  element.innerHTML = DOMPurify.sanitize(marked.parse(text));
+  element.innerHTML = DOMPurify.sanitize(marked.parse(text), SANITIZE);
   for (const code of element.querySelectorAll("pre > code")) {
     const language = [...code.classList].find((c) => c.startsWith("language-"))?.slice(9);
     code.innerHTML = highlight(code.textContent, language);

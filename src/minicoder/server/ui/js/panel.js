@@ -53,7 +53,8 @@ export function showModel(described) {
     ["Backend", m.backend],
     ["Training stage", m.training ? t.stage ?? "unknown" : "not a minicoder training run (no minicoder.json)"],
     ...(m.training ? [["Preset", t.preset], ["Steps", t.steps], ["Tokens trained", count(t.tokens_trained)],
-                      ["Training sequence length", t.seq_len]] : []),
+                      ["Training sequence length", t.seq_len],
+                      ["Held-out loss", t.val_loss?.toFixed(4)], ["Held-out bits per byte", t.val_bpb?.toFixed(4)]] : []),
     ["Fill-in-the-middle", m.fill_in_the_middle ? "yes" : "no (the tokenizer has no FIM tokens)"],
     ["Directory", m.path],
   ]);
