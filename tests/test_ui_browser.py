@@ -39,34 +39,43 @@ pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
 
 
 # --- fixtures -----------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """`minicoder serve` on a tiny random Llama: one running request and one waiting at most, so a third is a 429."""
-    model = save_tiny_llama(tmp_path_factory.mktemp("model") / MODEL, context=CONTEXT)
+def start_minicoder(log_dir: Path, *args: str):
+    """`minicoder ARGS --port FREE` as a subprocess, once its / answers: (process, base URL)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "minicoder", "serve", str(model), "--port", str(port),
-                             "--max-num-seqs", "1", "--max-waiting", "1", "--log-level", "warning"],
+    log = open(log_dir / f"{args[0]}.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "minicoder", *args, "--port", str(port)],
                             stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
+                return proc, url
         except httpx.HTTPError:
             pass
         if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
             log.seek(0)
-            pytest.fail(f"minicoder serve did not start:\n{log.read()}")
+            pytest.fail(f"minicoder {args[0]} did not start:\n{log.read()}")
         time.sleep(0.2)
-    yield type("Server", (), {"url": url, "proc": proc, "model": MODEL})
+
+
+def stop(proc: subprocess.Popen):
     if proc.poll() is None:
         proc.terminate()
         proc.wait(20)
-    log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`minicoder serve` on a tiny random Llama: one running request and one waiting at most, so a third is a 429."""
+    model = save_tiny_llama(tmp_path_factory.mktemp("model") / MODEL, context=CONTEXT)
+    proc, url = start_minicoder(tmp_path_factory.mktemp("logs"), "serve", str(model), "--max-num-seqs", "1",
+                                "--max-waiting", "1", "--log-level", "warning")
+    yield type("Server", (), {"url": url, "proc": proc, "model": MODEL})
+    stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -364,6 +373,29 @@ def test_phone_width_has_no_sideways_scroll(page, server, shots):
     page.screenshot(path=str(shots / "chat-phone-dark.png"))
 
 
+# --- minicoder ui --endpoint ------------------------------------------------------------------------------------
+def test_ui_command_fronts_a_running_server(browser, server, tmp_path):
+    """The same page from `minicoder ui`, forwarding to the server: a streamed reply, and Stop cancels upstream."""
+    proc, url = start_minicoder(tmp_path, "ui", "--endpoint", f"{server.url}/v1")
+    try:
+        page = browser.new_page()
+        page.goto(url + "/")
+        expect(page.locator("#server-status")).to_contain_text(MODEL)
+        expect(page.locator("#api-origin")).to_have_text(url)
+        fresh_conversation(page)
+        set_sampling(page, temperature=0, max_tokens=1800, seed="")
+        page.fill("#prompt", "Write a long story.")
+        page.press("#prompt", "Enter")
+        expect(page.locator("#messages > li.assistant .body")).not_to_have_text(re.compile(r"^…?$"), timeout=30_000)
+        wait_for(lambda: metrics(server.url)["minicoder_num_requests_running"] == 1, what="the request to run")
+        page.click("#stop")
+        wait_for(lambda: metrics(server.url)["minicoder_num_requests_running"] == 0, timeout=10, what="the slot to free")
+        expect(page.locator("#messages > li.assistant .meta")).to_contain_text("stopped")
+        page.close()
+    finally:
+        stop(proc)
+
+
 # --- errors in words ----------------------------------------------------------------------------------------
 def test_context_overflow_is_explained(page, server):
     page.click("#tab-chat")
@@ -407,8 +439,7 @@ def test_busy_server_429_is_explained(page, server):
 
 def test_stopped_server_is_explained(page, server):
     """Last: stops the server."""
-    server.proc.terminate()
-    server.proc.wait(20)
+    stop(server.proc)
     banner = page.locator("#banner")
     expect(banner).to_contain_text("Cannot reach the server", timeout=10_000)
     expect(page.locator("#server-status")).to_contain_text("unreachable")
