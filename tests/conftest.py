@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import sysconfig
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -78,6 +82,28 @@ def save_tiny_llama(path: Path, context: int = 512, tie_word_embeddings: bool = 
         bos_token_id=0, eos_token_id=1, tie_word_embeddings=tie_word_embeddings)
     transformers.LlamaForCausalLM(config).save_pretrained(path)
     return path
+
+
+@contextmanager
+def uvicorn_in_thread(app):
+    """`app` under a real uvicorn on a free 127.0.0.1 port, in a thread; yields its base URL."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
 
 
 @pytest.fixture(scope="module")

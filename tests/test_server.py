@@ -8,22 +8,19 @@ import json
 import logging
 import re
 import shutil
-import socket
 import subprocess
-import threading
 import time
 from types import SimpleNamespace
 
 import httpx
 import pytest
 import requests
-import uvicorn
 from fastapi.testclient import TestClient
 
 from minicoder.engine import AsyncEngine, Engine, EngineConfig, SamplingParams
 from minicoder.server import ServerSettings, create_app
 
-from conftest import save_tiny_llama
+from conftest import save_tiny_llama, uvicorn_in_thread
 
 CONTEXT = 512
 MODEL = "tiny"
@@ -59,21 +56,8 @@ def client(model_dir):
 def server(model_dir):
     """A real uvicorn server on a free port, in a thread."""
     app = make_app(model_dir)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not uv.started:
-        assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", app=app, engine=engine_of(app),
-                          metrics=app.state.server.metrics)
-    uv.should_exit = True
-    thread.join(10)
-    sock.close()
+    with uvicorn_in_thread(app) as url:
+        yield SimpleNamespace(url=url, app=app, engine=engine_of(app), metrics=app.state.server.metrics)
 
 
 def wait_until_idle(engine: Engine, timeout: float = 10.0):

@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import re
 import socket
-import threading
 import time
 import tomllib
-from contextlib import contextmanager
 from fnmatch import fnmatch
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from minicoder.engine import AsyncEngine, Engine, EngineConfig
@@ -24,7 +21,7 @@ from minicoder.server import ServerSettings, create_app
 from minicoder.server.ui_proxy import create_proxy_app, normalize_endpoint
 from minicoder.server.ui_routes import UI_DIR, wants_html
 
-from conftest import run_cli, save_tiny_llama
+from conftest import run_cli, save_tiny_llama, uvicorn_in_thread
 
 BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,26 +43,6 @@ def make_app(model_dir, **settings):
 def client(model_dir):
     with TestClient(make_app(model_dir)) as c:
         yield c
-
-
-@contextmanager
-def uvicorn_server(app):
-    """`app` under a real uvicorn on a free port, in a thread; yields its base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 # --- GET / ------------------------------------------------------------------------------------------------
@@ -162,7 +139,7 @@ def metrics_value(url: str, name: str, labels: str = "") -> float:
 
 
 def test_proxy_serves_the_page_and_forwards_streams_and_cancellation(model_dir):
-    with uvicorn_server(make_app(model_dir)) as upstream, uvicorn_server(create_proxy_app(upstream + "/v1")) as ui:
+    with uvicorn_in_thread(make_app(model_dir)) as upstream, uvicorn_in_thread(create_proxy_app(upstream + "/v1")) as ui:
         page = httpx.get(f"{ui}/", headers={"Accept": BROWSER_ACCEPT})
         assert page.status_code == 200 and "<title>minicoder</title>" in page.text
         assert httpx.get(f"{ui}/ui/js/api.js").status_code == 200

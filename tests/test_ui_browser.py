@@ -396,6 +396,46 @@ def test_ui_command_fronts_a_running_server(browser, server, tmp_path):
         stop(proc)
 
 
+# --- keyboard, screen readers, theme --------------------------------------------------------------------------
+def test_controls_are_labelled_and_reachable_by_keyboard(page, server):
+    unlabelled = page.evaluate("""() => [...document.querySelectorAll('input, textarea, select, button')].filter(el => {
+        const name = el.getAttribute('aria-label') || el.getAttribute('aria-labelledby') || el.labels?.length
+                     || (el.tagName === 'BUTTON' && el.textContent.trim());
+        return !name;
+    }).map(el => el.outerHTML.slice(0, 80))""")
+    assert unlabelled == [], f"controls without a label a screen reader can announce: {unlabelled}"
+    page.focus("#tab-chat")
+    page.keyboard.press("ArrowRight")
+    expect(page.locator("#tab-playground")).to_have_attribute("aria-selected", "true")
+    expect(page.locator("#view-playground")).to_be_visible()
+    expect(page.locator("#tab-playground")).to_be_focused()
+    page.keyboard.press("ArrowRight")
+    expect(page.locator("#view-model")).to_be_visible()
+    page.keyboard.press("ArrowRight")
+    expect(page.locator("#view-chat")).to_be_visible()
+    page.focus("#prompt")
+    page.keyboard.type("line one")
+    page.keyboard.press("Shift+Enter")  # a new line, not a send
+    page.keyboard.type("line two")
+    expect(page.locator("#prompt")).to_have_value("line one\nline two")
+    page.fill("#prompt", "")
+
+
+def test_theme_button_cycles_system_light_dark(page, server):
+    page.emulate_media(color_scheme="light")
+    root = page.locator("html")
+    button = page.locator("#theme-toggle")
+    expect(root).to_have_attribute("data-theme", "light")
+    button.click()  # auto -> light
+    expect(button).to_have_attribute("aria-label", re.compile("light"))
+    button.click()  # light -> dark
+    expect(root).to_have_attribute("data-theme", "dark")
+    page.reload()  # the choice is kept
+    expect(page.locator("html")).to_have_attribute("data-theme", "dark")
+    page.locator("#theme-toggle").click()  # dark -> auto: the system's light again
+    expect(page.locator("html")).to_have_attribute("data-theme", "light")
+
+
 # --- errors in words ----------------------------------------------------------------------------------------
 def test_context_overflow_is_explained(page, server):
     page.click("#tab-chat")

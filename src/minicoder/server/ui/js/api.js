@@ -121,6 +121,28 @@ export async function streamEvents(path, body, onEvent, signal) {
   throw new ApiError("The server closed the connection before the reply finished.");
 }
 
+/**
+ * Stream the first choice of a completion or chat request: onText(piece) for each piece of text
+ * (`textOf(choice)` finds it: `choice.text` or `choice.delta.content`). Resolves to
+ * {result: "done" | "aborted", usage (the server's counts, when it sent them), finish (finish_reason),
+ * firstAt (performance.now() of the first text, or null)}.
+ */
+export async function streamChoice(path, body, textOf, onText, signal) {
+  let usage = null, finish = null, firstAt = null;
+  const result = await streamEvents(path, { ...body, stream_options: { include_usage: true } }, (event) => {
+    if (event.usage) usage = event.usage;
+    const choice = event.choices?.[0];
+    if (!choice) return;
+    if (choice.finish_reason) finish = choice.finish_reason;
+    const text = textOf(choice);
+    if (text) {
+      firstAt ??= performance.now();
+      onText(text);
+    }
+  }, signal);
+  return { result, usage, finish, firstAt };
+}
+
 /** Prometheus text -> {metric name: first value} (label sets of one model: the first sample is the one). */
 export function parsePrometheus(text) {
   const out = {};

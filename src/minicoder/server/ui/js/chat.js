@@ -2,7 +2,7 @@
 // Replies stream from /v1/chat/completions; Stop (or Esc) aborts the request, which makes the server
 // cancel the generation and free its slot.
 
-import { streamEvents } from "./api.js";
+import { streamChoice } from "./api.js";
 import { apiMessages } from "./conversations.js";
 import { copyText, renderMarkdown } from "./markdown.js";
 
@@ -57,45 +57,35 @@ export class ChatView {
     conversation.messages.push(message);
     this.store.touch();
     this.render();
-    const body = apiMessages(conversation, index);
-    const request = { ...(this.model() ? { model: this.model() } : {}), messages: body, ...this.settings.fields(),
-                      stream_options: { include_usage: true } };
+    const request = { ...(this.model() ? { model: this.model() } : {}), messages: apiMessages(conversation, index),
+                      ...this.settings.fields() };
     const controller = this.controller = new AbortController();
     this.setBusy(true);
     const element = this.list.lastElementChild;
     const start = performance.now();
-    let first = null, chunks = 0, usage = null, finish = null, frame = 0;
-    const paint = () => { frame = 0; this.paintBody(element, message); };
+    let chunks = 0, frame = 0, streamed = { usage: null, finish: null, firstAt: null };
     try {
-      const result = await streamEvents("v1/chat/completions", request, (event) => {
-        if (event.usage) usage = event.usage;
-        const choice = event.choices?.[0];
-        if (!choice) return;
-        if (choice.finish_reason) finish = choice.finish_reason;
-        const delta = choice.delta?.content;
-        if (delta) {
-          first ??= performance.now();
-          chunks += 1;
-          message.content += delta;
-          frame ||= requestAnimationFrame(paint);  // at most one Markdown render per frame
-        }
+      streamed = await streamChoice("v1/chat/completions", request, (choice) => choice.delta?.content, (text) => {
+        chunks += 1;
+        message.content += text;
+        frame ||= requestAnimationFrame(() => { frame = 0; this.paintBody(element, message); });  // one render a frame
       }, controller.signal);
-      if (result === "aborted") message.stopped = true;
+      if (streamed.result === "aborted") message.stopped = true;
     } catch (error) {
       if (!message.content) conversation.messages.pop();
       conversation.messages.push({ role: "error", content: error.message, error: true });
     } finally {
       if (frame) cancelAnimationFrame(frame);
-      const end = performance.now();
+      const end = performance.now(), { usage, firstAt } = streamed;
       message.stats = {
         prompt_tokens: usage?.prompt_tokens ?? null,
         cached_tokens: usage?.prompt_tokens_details?.cached_tokens ?? null,
-        completion_tokens: usage?.completion_tokens ?? chunks,
+        completion_tokens: usage?.completion_tokens ?? chunks,  // stopped: the server sent no counts
         exact: usage !== null,
         seconds: (end - start) / 1000,
-        first_token_seconds: first === null ? null : (first - start) / 1000,
-        decode_seconds: first === null ? null : (end - first) / 1000,
-        finish_reason: message.stopped ? "stopped" : finish,
+        first_token_seconds: firstAt === null ? null : (firstAt - start) / 1000,
+        decode_seconds: firstAt === null ? null : (end - firstAt) / 1000,
+        finish_reason: message.stopped ? "stopped" : streamed.finish,
       };
       this.controller = null;
       this.setBusy(false);

@@ -60,9 +60,11 @@ export class Conversations {
     try {
       localStorage.setItem(STORE_ITEM, JSON.stringify(this.list));
     } catch (e) {
-      // Quota exceeded: drop the oldest conversations until it fits, keeping the current one.
-      if (this.list.length > 1) {
-        this.list = this.list.filter((c) => c.id === this.currentId || c !== this.list[this.list.length - 1]);
+      // Quota exceeded: drop the least recently updated conversations until it fits, keeping the current one.
+      const others = this.list.filter((c) => c.id !== this.currentId);
+      if (others.length) {
+        const oldest = others.reduce((a, b) => (a.updated <= b.updated ? a : b));
+        this.list = this.list.filter((c) => c !== oldest);
         this.save();
       } else {
         throw e;

@@ -4,7 +4,7 @@
 // (llama.cpp's field, where the server accepts it). Ctrl+Enter runs, Esc stops; Tab is left to move
 // focus (no keyboard trap).
 
-import { requestJSON, streamEvents } from "./api.js";
+import { requestJSON, streamChoice } from "./api.js";
 import { highlight } from "./markdown.js";
 
 const $ = (id) => document.getElementById(id);
@@ -88,8 +88,7 @@ export class Playground {
     const prefix = $("fim-prefix").value, suffix = $("fim-suffix").value;
     const { max_tokens: _, ...sampling } = this.settings.fields();
     const maxTokens = Number($("fim-max-tokens").value);
-    const request = { ...(this.model() ? { model: this.model() } : {}), prompt: prefix, ...sampling,
-                      stream_options: { include_usage: true } };
+    const request = { ...(this.model() ? { model: this.model() } : {}), prompt: prefix, ...sampling };
     if (Number.isFinite(maxTokens) && maxTokens > 0) request.max_tokens = Math.trunc(maxTokens);
     if (suffix) request.suffix = suffix;
     if (this.repoSupported && this.files.length) request.input_extra = this.files;
@@ -100,24 +99,17 @@ export class Playground {
     this.setBusy(true);
     const controller = this.controller = new AbortController();
     const start = performance.now();
-    let first = null, usage = null, finish = null, frame = 0;
+    let frame = 0;
     try {
-      const result = await streamEvents("v1/completions", request, (event) => {
-        if (event.usage) usage = event.usage;
-        const choice = event.choices?.[0];
-        if (!choice) return;
-        if (choice.finish_reason) finish = choice.finish_reason;
-        if (choice.text) {
-          first ??= performance.now();
-          this.middle += choice.text;
+      const { result, usage, finish, firstAt } = await streamChoice("v1/completions", request, (choice) => choice.text,
+        (text) => {
+          this.middle += text;
           frame ||= requestAnimationFrame(() => { frame = 0; this.paint(); });
-        }
-      }, controller.signal);
-      const seconds = (performance.now() - start) / 1000;
+        }, controller.signal);
       const parts = [suffix ? "fill-in-the-middle" : "plain completion"];
       if (usage) parts.push(`${usage.prompt_tokens} prompt tokens`, `${usage.completion_tokens} tokens`);
-      if (first !== null) parts.push(`first token ${((first - start) / 1000).toFixed(2)} s`);
-      parts.push(`${seconds.toFixed(2)} s`, result === "aborted" ? "stopped" : finish || "");
+      if (firstAt !== null) parts.push(`first token ${((firstAt - start) / 1000).toFixed(2)} s`);
+      parts.push(`${((performance.now() - start) / 1000).toFixed(2)} s`, result === "aborted" ? "stopped" : finish || "");
       $("fim-stats").textContent = parts.filter(Boolean).join(" · ");
     } catch (error) {
       $("fim-stats").textContent = "";
