@@ -5,6 +5,7 @@ to a real uvicorn server, streams and cancellation included. The browser itself:
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import time
@@ -65,6 +66,7 @@ def test_browsers_get_the_page_and_clients_get_json(client):
         assert model["id"] == "tiny" and model["context_length"] == 2048 and model["dtype"] == "float32"
         assert model["parameters"] == sum(p.numel() for p in client.app.state.server.engine.engine.runner.model.parameters())
         assert model["fill_in_the_middle"] is True and model["training"] is None
+        assert info.json()["sampling_defaults"] == {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
     assert {"POST /", "GET /", "POST /v1/chat/completions"} <= set(info.json()["routes"])
 
 
@@ -90,6 +92,16 @@ def test_model_description_reads_the_training_run(tiny_trained):
     with TestClient(create_app(AsyncEngine(Engine(tiny_trained / "final")))) as c:
         training = c.get("/", headers={"Accept": "application/json"}).json()["model"]["training"]
     assert training["stage"] == "pretrain" and training["steps"] == 8 and training["tokens_trained"] > 0
+
+
+def test_sampling_defaults_come_from_generation_config(tmp_path):
+    model = save_tiny_llama(tmp_path / "m", context=128)
+    config = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**config, "temperature": 0.2, "top_p": 0.95}))
+    with TestClient(make_app(model)) as c:
+        info = c.get("/", headers={"Accept": "application/json"}).json()
+    assert info["sampling_defaults"] == {"temperature": 0.2, "top_p": 0.95, "top_k": 0, "repetition_penalty": 1.0}
+    assert "generation_config.json" in info["sampling_defaults_source"]
 
 
 # --- the page's files ---------------------------------------------------------------------------------------

@@ -449,6 +449,17 @@ def test_context_overflow_is_explained(page, server):
     expect(page.locator("#send")).to_be_visible()
 
 
+def test_bad_field_gets_the_servers_message(page, server):
+    fresh_conversation(page)
+    set_sampling(page, top_p=0, max_tokens=4)
+    page.fill("#prompt", "hi")
+    page.press("#prompt", "Enter")
+    error = page.locator("#messages > li.error")
+    expect(error).to_contain_text("The server refused the request (400, field top_p)")
+    expect(error).to_contain_text("greater than 0")
+    page.click("#sampling-reset")
+
+
 def test_busy_server_429_is_explained(page, server):
     """Fill the server's one running slot and one waiting place with real requests: the page's is refused."""
     fresh_conversation(page)

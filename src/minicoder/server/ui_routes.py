@@ -67,6 +67,7 @@ def server_info(server, app: FastAPI) -> dict:
     model = getattr(engine.runner, "model", None)
     parameters = sum(p.numel() for p in model.parameters()) if model is not None else None
     dtype = engine.config.dtype
+    from_model = {k: generation[k] for k in GENERATION_CONFIG_KEYS if k in generation}
     return {
         "object": "server",
         "name": "minicoder",
@@ -85,8 +86,9 @@ def server_info(server, app: FastAPI) -> dict:
             "fill_in_the_middle": engine.prompts.fim_format is not None,
             "training": training or None,
         },
-        "sampling_defaults": {**API_SAMPLING_DEFAULTS,
-                              **{k: generation[k] for k in GENERATION_CONFIG_KEYS if k in generation}},
+        "sampling_defaults": {**API_SAMPLING_DEFAULTS, **from_model},
+        "sampling_defaults_source": "the model's generation_config.json" if from_model
+        else "the API's defaults (the model's generation_config.json sets none)",
         "limits": {"max_num_seqs": engine.config.max_num_seqs, "max_waiting": engine.config.max_waiting,
                    "kv_cache_blocks": engine.stats().total_blocks},
         "api_key_required": server.settings.api_key is not None,

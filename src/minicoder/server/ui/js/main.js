@@ -87,8 +87,8 @@ async function connect() {
     showModel(described);
     const defaults = described.info?.sampling_defaults;
     settings.setDefaults(defaults || {}, defaults
-      ? "Defaults: the model's generation_config.json where it has one, else the API's."
-      : "Defaults: the OpenAI API's (this server does not describe its model).");
+      ? `Model defaults: ${described.info.sampling_defaults_source}.`
+      : "Model defaults: the OpenAI API's (this server does not describe its model).");
     $("server-status").textContent = `● ${modelId}`;
     playground.detectRepositoryContext();
   } catch (error) {

@@ -109,7 +109,7 @@ export class Playground {
       const parts = [suffix ? "fill-in-the-middle" : "plain completion"];
       if (usage) parts.push(`${usage.prompt_tokens} prompt tokens`, `${usage.completion_tokens} tokens`);
       if (firstAt !== null) parts.push(`first token ${((firstAt - start) / 1000).toFixed(2)} s`);
-      parts.push(`${((performance.now() - start) / 1000).toFixed(2)} s`, result === "aborted" ? "stopped" : finish || "");
+      parts.push(`${((performance.now() - start) / 1000).toFixed(2)} s`, result === "aborted" ? "stopped" : finish === "length" ? "stopped at max tokens" : finish || "");
       $("fim-stats").textContent = parts.filter(Boolean).join(" · ");
     } catch (error) {
       $("fim-stats").textContent = "";
