@@ -74,7 +74,7 @@ def server(tmp_path_factory):
     model = save_tiny_llama(tmp_path_factory.mktemp("model") / MODEL, context=CONTEXT)
     proc, url = start_minicoder(tmp_path_factory.mktemp("logs"), "serve", str(model), "--max-num-seqs", "1",
                                 "--max-waiting", "1", "--log-level", "warning")
-    yield type("Server", (), {"url": url, "proc": proc, "model": MODEL})
+    yield type("Server", (), {"url": url, "proc": proc, "model_dir": model})
     stop(proc)
 
 
@@ -85,7 +85,7 @@ def browser(tmp_path_factory):
         context = p.chromium.launch_persistent_context(
             str(profile), executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True,
             viewport={"width": 1280, "height": 820}, permissions=["clipboard-read", "clipboard-write"])
-        context.set_default_timeout(20_000)
+        context.set_default_timeout(40_000)  # generous: the machine may be busy
         yield context
         context.close()
 
@@ -115,6 +115,11 @@ def metrics(url: str) -> dict[str, float]:
     text = httpx.get(f"{url}/metrics", timeout=5).text
     return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(minicoder_\w+)\{[^}]*\} (\S+)$", text, re.M)
             if "finish_reason" not in m.group(0)}
+
+
+def aborted_requests(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return float(re.search(r'^minicoder_requests_total\{[^}]*finish_reason="abort"\} (\S+)$', text, re.M).group(1))
 
 
 def wait_for(condition, timeout: float = 15.0, what: str = "condition"):
@@ -199,6 +204,7 @@ def test_sampling_fields_reach_the_request(page, server):
 
 def test_stop_cancels_on_the_server(page, server):
     fresh_conversation(page)
+    aborted = aborted_requests(server.url)
     set_sampling(page, temperature=0, max_tokens=1800, seed="")
     page.fill("#prompt", "Write a long story.")
     page.press("#prompt", "Enter")
@@ -208,6 +214,7 @@ def test_stop_cancels_on_the_server(page, server):
     expect(page.locator("#stop")).to_be_visible()
     page.keyboard.press("Escape")  # Esc stops
     wait_for(lambda: metrics(server.url)["minicoder_num_requests_running"] == 0, timeout=10, what="the slot to free")
+    assert aborted_requests(server.url) == aborted + 1  # cancelled, not run to its 1800 tokens
     expect(page.locator("#messages > li.assistant .meta")).to_contain_text("stopped")
     expect(page.locator("#send")).to_be_visible()
     assert stored_conversation(page)["messages"][-1]["stopped"] is True
@@ -383,6 +390,7 @@ def test_ui_command_fronts_a_running_server(browser, server, tmp_path):
         expect(page.locator("#server-status")).to_contain_text(MODEL)
         expect(page.locator("#api-origin")).to_have_text(url)
         fresh_conversation(page)
+        aborted = aborted_requests(server.url)
         set_sampling(page, temperature=0, max_tokens=1800, seed="")
         page.fill("#prompt", "Write a long story.")
         page.press("#prompt", "Enter")
@@ -390,6 +398,7 @@ def test_ui_command_fronts_a_running_server(browser, server, tmp_path):
         wait_for(lambda: metrics(server.url)["minicoder_num_requests_running"] == 1, what="the request to run")
         page.click("#stop")
         wait_for(lambda: metrics(server.url)["minicoder_num_requests_running"] == 0, timeout=10, what="the slot to free")
+        assert aborted_requests(server.url) == aborted + 1
         expect(page.locator("#messages > li.assistant .meta")).to_contain_text("stopped")
         page.close()
     finally:
@@ -434,6 +443,30 @@ def test_theme_button_cycles_system_light_dark(page, server):
     expect(page.locator("html")).to_have_attribute("data-theme", "dark")
     page.locator("#theme-toggle").click()  # dark -> auto: the system's light again
     expect(page.locator("html")).to_have_attribute("data-theme", "light")
+
+
+def test_api_key_is_asked_for_and_sent(browser, server, tmp_path):
+    proc, url = start_minicoder(tmp_path, "serve", str(server.model_dir), "--api-key", "sekrit",
+                                "--log-level", "warning")
+    try:
+        page = browser.new_page()
+        page.goto(url + "/")
+        expect(page.locator("#banner")).to_contain_text("The server needs an API key (401)")
+        page.click("#tab-model")
+        page.fill("#api-key", "sekrit")
+        page.press("#api-key", "Tab")  # the change event stores it and reconnects
+        expect(page.locator("#server-status")).to_contain_text(MODEL)
+        expect(page.locator("#banner")).to_be_hidden()
+        page.click("#tab-chat")
+        set_sampling(page, max_tokens=4)
+        with page.expect_request("**/v1/chat/completions") as request:
+            page.fill("#prompt", "hi")
+            page.press("#prompt", "Enter")
+        assert request.value.headers["authorization"] == "Bearer sekrit"
+        expect(page.locator("#messages > li.assistant .meta")).to_contain_text("4 tokens")
+        page.close()
+    finally:
+        stop(proc)
 
 
 # --- errors in words ----------------------------------------------------------------------------------------
