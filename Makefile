@@ -21,18 +21,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-install: $(BIN)/.installed browser
-
-# The web UI's browser tests drive Debian's chromium: installed here where we can (root with apt), else they
-# are skipped and say why (`pytest -rs`).
-browser:
-	@if [ -x /usr/bin/chromium ]; then :; \
-	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  echo "installing Debian's chromium for the browser tests"; \
-	  export DEBIAN_FRONTEND=noninteractive; \
-	  apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } \
-	  || echo "note: apt could not install chromium: the browser tests will be skipped"; \
-	else echo "note: no /usr/bin/chromium (apt-get install chromium, as root): the browser tests will be skipped"; fi
+install: $(BIN)/.installed
 
 demo: install
 	@start=$$(date +%s); set -e; rm -rf $(DEMO); \
@@ -60,6 +49,18 @@ demo: install
 	  echo "--- user: $$q"; $(MC) generate $(DEMO)/sft/final --chat --prompt "$$q" --max-new-tokens 96; \
 	done; \
 	echo "== done in $$(( $$(date +%s) - start ))s; pretrained model: $(DEMO)/final, SFT model: $(DEMO)/sft/final (corpus, tokenizer, data, checkpoints, logs, loss.png beside them)"
+
+# The web UI's browser tests drive Debian's chromium: installed here where we can (root with apt), else they
+# are skipped and say why (`pytest -rs`).
+install: browser
+browser:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian's chromium for the browser tests"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } \
+	  || echo "note: apt could not install chromium: the browser tests will be skipped"; \
+	else echo "note: no /usr/bin/chromium (apt-get install chromium, as root): the browser tests will be skipped"; fi
 
 test: install
 	$(BIN)/python -m pytest -q -rs

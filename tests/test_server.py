@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from minicoder.engine import AsyncEngine, Engine, EngineConfig, SamplingParams
 from minicoder.server import ServerSettings, create_app
 
-from conftest import save_tiny_llama, uvicorn_in_thread
+from conftest import save_tiny_llama, serve_in_thread
 
 CONTEXT = 512
 MODEL = "tiny"
@@ -56,7 +56,7 @@ def client(model_dir):
 def server(model_dir):
     """A real uvicorn server on a free port, in a thread."""
     app = make_app(model_dir)
-    with uvicorn_in_thread(app) as url:
+    with serve_in_thread(app) as url:
         yield SimpleNamespace(url=url, app=app, engine=engine_of(app), metrics=app.state.server.metrics)
 
 

@@ -22,7 +22,7 @@ from minicoder.server import ServerSettings, create_app
 from minicoder.server.ui_proxy import create_proxy_app, normalize_endpoint
 from minicoder.server.ui_routes import UI_DIR, wants_html
 
-from conftest import run_cli, save_tiny_llama, uvicorn_in_thread
+from conftest import run_cli, save_tiny_llama, serve_in_thread
 
 BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,7 +151,7 @@ def metrics_value(url: str, name: str, labels: str = "") -> float:
 
 
 def test_proxy_serves_the_page_and_forwards_streams_and_cancellation(model_dir):
-    with uvicorn_in_thread(make_app(model_dir)) as upstream, uvicorn_in_thread(create_proxy_app(upstream + "/v1")) as ui:
+    with serve_in_thread(make_app(model_dir)) as upstream, serve_in_thread(create_proxy_app(upstream + "/v1")) as ui:
         page = httpx.get(f"{ui}/", headers={"Accept": BROWSER_ACCEPT})
         assert page.status_code == 200 and "<title>minicoder</title>" in page.text
         assert httpx.get(f"{ui}/ui/js/api.js").status_code == 200

@@ -7,12 +7,12 @@
 Every route generates through the engine (DESIGN.md principle 3); this module turns HTTP requests into
 prompt token ids + `SamplingParams`, and engine outputs into JSON or server-sent events:
 
+  GET  /, /ui/...             the web UI (browsers), the server's description (JSON); see ui_routes.py
   POST /                      seed 001: {"prompt", "history"} -> {"response", "history", "status", "time"}
   GET  /v1/models             the served model
   POST /v1/completions        completion, fill-in-the-middle (`suffix`), n, stop, seed, logprobs, echo, stream
   POST /v1/chat/completions   chat through the model's chat template, n, stop, seed, logprobs, stream
   GET  /health, GET /metrics  liveness; Prometheus text
-  GET  /, /ui/...             the web UI (browsers), the server's description (JSON); see ui_routes.py
 """
 
 from __future__ import annotations
@@ -82,10 +82,10 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
     app = FastAPI(title="minicoder", version="0.1.0", lifespan=lifespan,
                   description="A code LLM behind seed 001's route and an OpenAI-compatible API.")
     app.state.server = server
+    install_ui(app)  # GET /: the web UI for browsers, this server's description as JSON otherwise
     install_error_handlers(app)
     app.include_router(server.open_routes())
     app.include_router(server.generation_routes())
-    install_ui(app)  # GET /: the web UI for browsers, this server's description as JSON otherwise
     return app
 
 
