@@ -328,26 +328,40 @@ def test_playground_fills_in_the_middle(page, server, shots):
 
 
 def test_playground_repository_context(page, server):
+    """Files go with fill-in-the-middle requests where the server takes `input_extra` (its OpenAPI schema says),
+    and reach the prompt; where it does not, the page says so and sends nothing the server would ignore."""
     page.click("#tab-playground")
     page.click("#repo-context summary")
     supported = bool(httpx.get(f"{server.url}/openapi.json").json()["components"]["schemas"]["CompletionRequest"]
                      ["properties"].get("input_extra"))
     expect(page.locator("#repo-support")).to_contain_text("input_extra")
+    page.fill("#fim-prefix", "x = ")
+    page.fill("#fim-suffix", "\n")
+    page.fill("#fim-max-tokens", "2")
+
+    def run() -> tuple[dict, int]:
+        with page.expect_request("**/v1/completions") as request:
+            page.click("#fim-run")
+        expect(page.locator("#fim-stats")).to_contain_text("prompt tokens")
+        stats = page.inner_text("#fim-stats")
+        return request.value.post_data_json, int(re.search(r"(\d+) prompt tokens", stats).group(1))
+
+    _, alone = run()
     page.fill("#repo-path", "utils/mathx.py")
     page.fill("#repo-text", "def double(x):\n    return 2 * x\n")
     page.click("#repo-add")
     expect(page.locator("#repo-files li")).to_have_count(1)
-    page.fill("#fim-suffix", "")
-    page.fill("#fim-max-tokens", "2")
-    with page.expect_request("**/v1/completions") as request:
-        page.click("#fim-run")
-    sent = request.value.post_data_json.get("input_extra")
-    if supported:  # the server takes repository context: the file goes with the request
-        assert sent == [{"filename": "utils/mathx.py", "text": "def double(x):\n    return 2 * x\n"}]
-    else:  # it does not: the page says so and sends nothing it would ignore
-        assert sent is None
+    body, with_file = run()
+    if supported:
+        assert body["input_extra"] == [{"filename": "utils/mathx.py", "text": "def double(x):\n    return 2 * x\n"}]
+        assert with_file > alone, "the file did not reach the prompt"
+    else:
+        assert "input_extra" not in body and with_file == alone
         expect(page.locator("#repo-support")).to_contain_text("does not accept repository context")
-    expect(page.locator("#fim-stats")).to_contain_text("tokens")
+        expect(page.locator("#repo-count")).to_contain_text("not sent")
+    page.fill("#fim-suffix", "")  # a plain completion takes no repository context
+    body, _ = run()
+    assert "input_extra" not in body and "suffix" not in body
     page.get_by_role("button", name="Remove utils/mathx.py").click()
     expect(page.locator("#repo-files li")).to_have_count(0)
 

@@ -51,7 +51,7 @@ export class Playground {
     } catch { /* no schema: not supported */ }
     this.repoSupported = supported;
     $("repo-support").textContent = supported
-      ? "These files go before the prefix in the model's repository layout (input_extra)."
+      ? "With a suffix (fill-in-the-middle), these files go before the code in the model's repository layout (input_extra)."
       : "This server does not accept repository context (no input_extra field on /v1/completions): files are kept here but not sent.";
     this.renderFiles();
   }
@@ -91,7 +91,7 @@ export class Playground {
     const request = { ...(this.model() ? { model: this.model() } : {}), prompt: prefix, ...sampling };
     if (Number.isFinite(maxTokens) && maxTokens > 0) request.max_tokens = Math.trunc(maxTokens);
     if (suffix) request.suffix = suffix;
-    if (this.repoSupported && this.files.length) request.input_extra = this.files;
+    if (suffix && this.repoSupported && this.files.length) request.input_extra = this.files;  // context for FIM
     this.middle = "";
     this.lastRequest = { prefix, suffix };
     $("fim-error").hidden = true;
