@@ -13,7 +13,7 @@ DEMO_SFT_STEPS ?= 200
 export TOKENIZERS_PARALLELISM ?= true
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: install demo test test-slow test-soak bench clean
+.PHONY: install browser demo test test-slow test-soak bench screenshots clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,8 +56,20 @@ demo: install
 	done; \
 	echo "== done in $$(( $$(date +%s) - start ))s; pretrained model: $(DEMO)/final, SFT model: $(DEMO)/sft/final (corpus, tokenizer, data, checkpoints, logs, loss.png beside them)"
 
+# The web UI's browser tests drive Debian's chromium: installed here where we can (root with apt), else they
+# are skipped and say why (`pytest -rs`).
+install: browser
+browser:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian's chromium for the browser tests"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } \
+	  || echo "note: apt could not install chromium: the browser tests will be skipped"; \
+	else echo "note: no /usr/bin/chromium (apt-get install chromium, as root): the browser tests will be skipped"; fi
+
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -rs
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
@@ -66,6 +78,10 @@ test-slow: install
 test-soak: install
 	$(BIN)/pip install -q -e '.[soak]'
 	$(BIN)/python -m pytest -q -s -m soak -p no:cacheprovider
+
+# The web UI's screenshots in docs/ui/, taken by its browser tests.
+screenshots: install
+	MINICODER_UI_SCREENSHOTS=docs/ui $(BIN)/python -m pytest -q -rs tests/test_ui_browser.py
 
 bench: install
 	$(BIN)/python benchmarks/train_throughput.py

@@ -260,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (+ the seed-001 POST / route)")
     configure_serve_parser(sv)
     sv.set_defaults(func=cmd_serve)
+    from .server.ui_proxy import configure_ui_parser, run_ui
+
+    ui = sub.add_parser("ui", help="the web UI for a running minicoder (or OpenAI-compatible) server")
+    configure_ui_parser(ui)
+    ui.set_defaults(func=run_ui)
     ch = sub.add_parser("chat", help="terminal chat with a pretrained (raw) or SFT (chat template) model")
     configure_chat(ch)
     ch.set_defaults(func=cmd_chat)

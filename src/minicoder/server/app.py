@@ -7,6 +7,7 @@
 Every route generates through the engine (DESIGN.md principle 3); this module turns HTTP requests into
 prompt token ids + `SamplingParams`, and engine outputs into JSON or server-sent events:
 
+  GET  /, /ui/...             the web UI (browsers), the server's description (JSON); see ui_routes.py
   POST /                      seed 001: {"prompt", "history"} -> {"response", "history", "status", "time"}
   GET  /v1/models             the served model
   POST /v1/completions        completion, fill-in-the-middle (`suffix`), n, stop, seed, logprobs, echo, stream
@@ -42,6 +43,7 @@ from .errors import APIError, install_error_handlers, log_internal_error
 from .generation import Generation
 from .limits import DEFAULT_MAX_BODY_BYTES, BodySizeLimit
 from .metrics import ServerMetrics
+from .ui_routes import install_ui
 from .protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChatLogprobs, CompletionChoice, CompletionLogprobs, CompletionRequest,
                        CompletionResponse, Delta, ErrorResponse, ModelCard, ModelList, PromptTokensDetails,
@@ -92,6 +94,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
                   openapi_url="/openapi.json" if open_docs else None,
                   description="A code LLM behind seed 001's route and an OpenAI-compatible API.")
     app.state.server = server
+    install_ui(app)  # GET /: the web UI for browsers, this server's description as JSON otherwise
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
     app.include_router(server.open_routes())

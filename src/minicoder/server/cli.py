@@ -98,5 +98,6 @@ def run_serve(args: argparse.Namespace):
     log.info("serving %s as %r on http://%s:%d (backend %s, context %d tokens)%s", args.model, name, args.host,
              args.port, engine.engine.backend, engine.engine.max_request_tokens,
              "; API key required" if key else "")
+    log.info("web UI: http://%s:%d/ (open it in a browser)", args.host, args.port)
     uvicorn.Server(uvicorn_config(app, header_timeout=args.header_timeout, max_connections=args.max_connections,
                                   host=args.host, port=args.port, log_level=args.log_level)).run()
