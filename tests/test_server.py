@@ -71,7 +71,7 @@ def wait_until_idle(engine: Engine, timeout: float = 10.0):
 TIME = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$")
 
 
-def test_seed_001_request_and_missing_history(client):
+def test_history_chat_request_and_missing_history(client):
     r = client.post("/", json={"prompt": "你好", "history": []})  # the seed's body, seed's defaults
     assert r.status_code == 200
     body = r.json()
@@ -88,7 +88,7 @@ def test_seed_001_request_and_missing_history(client):
     assert r.status_code == 200 and r.json()["history"][:2] == history and len(r.json()["history"]) == 3
 
 
-def test_seed_001_curl_and_request_py(server):
+def test_history_chat_curl_and_request_py(server):
     """The seed's curl command and request.py, unchanged but for the address."""
     if shutil.which("curl"):
         out = subprocess.run(["curl", "-s", "-X", "POST", server.url, "-H", "Content-Type: application/json",

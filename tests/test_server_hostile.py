@@ -255,7 +255,7 @@ def test_api_key_from_a_file_or_the_environment(tmp_path, monkeypatch):
         api_key(parser.parse_args(["m", "--api-key-file", str(tmp_path / "empty")]))
 
 
-def test_seed_001_route_names_the_field_it_refuses(model_dir):
+def test_history_chat_route_names_the_field_it_refuses(model_dir):
     with TestClient(make_app(model_dir)) as c:
         for body, param in (({"prompt": "hi", "repetition_penalty": 5e-324}, "repetition_penalty"),
                             ({"prompt": "hi", "temperature": 1e6}, "temperature")):

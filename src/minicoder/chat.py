@@ -1,4 +1,4 @@
-"""`minicoder chat MODEL`: talk to a checkpoint in the terminal (seed 002's `model_chat.py`).
+"""`minicoder chat MODEL`: talk to a checkpoint in the terminal (like minimind's `model_chat.py`).
 
 Two modes, as the seed's pretrain / SFT switch:
 
@@ -8,11 +8,11 @@ Two modes, as the seed's pretrain / SFT switch:
 
 `--mode auto` (the default) picks chat for a model whose minicoder.json says `"stage": "sft"`, and for
 a model from elsewhere (no minicoder.json) whose tokenizer has a chat template and whose name says
-instruct/chat; raw otherwise. Seed 002's defaults: max_seq_len 256, max_new_tokens 64, temperature
+instruct/chat; raw otherwise. minimind's defaults: max_seq_len 256, max_new_tokens 64, temperature
 0.75, top_p 0.90.
 
 In the REPL, /reset clears the history and /exit (or end of input) quits. Ctrl-C stops a reply, and
-quits at the prompt. Replies stream from the engine (no sampling loop here: DESIGN.md principle 3).
+quits at the prompt. Replies stream from the engine (no sampling loop here: principle 3 of docs/ARCHITECTURE.md).
 
     python -m minicoder.chat runs/sft/final --max-new-tokens 128
 """
@@ -161,7 +161,7 @@ def pick_mode(model_dir: Path, tokenizer, requested: str = "auto") -> tuple[str,
 
 
 def _markers(stdout: TextIO) -> tuple[str, str]:
-    """Seed 002's 🤔 / 🤖 prompts where the output can show them."""
+    """minimind's 🤔 / 🤖 prompts where the output can show them."""
     try:
         "🤔🤖".encode(getattr(stdout, "encoding", None) or "utf-8")
     except (UnicodeEncodeError, LookupError):

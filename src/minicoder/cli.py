@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .chat import configure_parser as configure_chat
     from .server.cli import configure_serve_parser
 
-    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (+ the seed-001 POST / route)")
+    sv = sub.add_parser("serve", help="HTTP server: OpenAI, Ollama, llama.cpp /infill, Tabby APIs, web UI, prompt + history chat (POST /)")
     configure_serve_parser(sv)
     sv.set_defaults(func=cmd_serve)
     from .server.ui_proxy import configure_ui_parser, run_ui

@@ -165,7 +165,7 @@ def corpus_texts(corpus_dir: str | Path, max_bytes: int, chunk_chars: int = 1 <<
     """Yield up to `max_bytes` of documents from a corpus directory, in chunks of ~64K characters.
 
     Chunking keeps the trainer's per-item memory small; the byte budget bounds the whole sample, which
-    is what keeps tokenizer training memory flat however large the corpus is (seed 002 needed 95 GB).
+    is what keeps tokenizer training memory flat however large the corpus is (minimind's needed 95 GB).
     Documents are sampled evenly across the corpus by a stride, not just the first ones.
     """
     docs_dir = Path(corpus_dir) / "docs"

@@ -1,7 +1,7 @@
 """One caller, one request at a time: prompt building plus a streamed request on the engine.
 
 What `minicoder generate`, `--chat`, and single-user tools use. It owns no sampling or cache code:
-everything runs through `Engine` (DESIGN.md principle 3: the engine is the only place that generates).
+everything runs through `Engine` (docs/ARCHITECTURE.md principle 3: the engine is the only place that generates).
 """
 
 from __future__ import annotations

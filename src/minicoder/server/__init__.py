@@ -1,4 +1,4 @@
-"""The HTTP server: seed 001's `POST /`, the OpenAI-compatible API, health and metrics (FastAPI + uvicorn).
+"""The HTTP server: the OpenAI-compatible API, the prompt + history chat route (`POST /`), health and metrics (FastAPI + uvicorn).
 
     from minicoder.server import ServerSettings, create_app      # the app (imports torch and FastAPI)
     from minicoder.server.cli import configure_serve_parser, run_serve   # `minicoder serve` (light)

@@ -1,14 +1,14 @@
-"""The HTTP server: seed 001's `POST /`, OpenAI-compatible routes, health and metrics.
+"""The HTTP server: OpenAI-compatible routes, the prompt + history chat route (`POST /`), health and metrics.
 
     engine = AsyncEngine.from_pretrained("runs/sft/final")
     app = create_app(engine, ServerSettings(model_name="final"))
     uvicorn.run(app, host="127.0.0.1", port=8000)          # what `minicoder serve MODEL` does
 
-Every route generates through the engine (DESIGN.md principle 3); this module turns HTTP requests into
+Every route generates through the engine (docs/ARCHITECTURE.md principle 3); this module turns HTTP requests into
 prompt token ids + `SamplingParams`, and engine outputs into JSON or server-sent events:
 
   GET  /, /ui/...             the web UI (browsers), the server's description (JSON); see ui_routes.py
-  POST /                      seed 001: {"prompt", "history"} -> {"response", "history", "status", "time"}
+  POST /                      prompt + history chat (the DeepSeek-Coder FastAPI tutorial's API): {"prompt", "history"} -> {"response", "history", "status", "time"}
   GET  /v1/models             the served model
   POST /v1/completions        completion, fill-in-the-middle (`suffix`), n, stop, seed, logprobs, echo, stream
   POST /v1/chat/completions   chat through the model's chat template, n, stop, seed, logprobs, stream
@@ -47,14 +47,14 @@ from .ui_routes import install_ui
 from .protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChatLogprobs, CompletionChoice, CompletionLogprobs, CompletionRequest,
                        CompletionResponse, Delta, ErrorResponse, ModelCard, ModelList, PromptTokensDetails,
-                       SamplingFields, Seed001Request, Seed001Response, TokenLogprob, TopLogprob, Usage)
+                       SamplingFields, HistoryChatRequest, HistoryChatResponse, TokenLogprob, TopLogprob, Usage)
 
 log = logging.getLogger("minicoder.server")
 
 T = TypeVar("T")
 
-# Seed 001's defaults, used when a field is absent.
-SEED_001_DEFAULTS = {"max_length": 1024, "top_k": 5, "top_p": 0.7, "temperature": 0.95, "repetition_penalty": 1.1}
+# The tutorial server's defaults, used when a field is absent.
+HISTORY_CHAT_DEFAULTS = {"max_length": 1024, "top_k": 5, "top_p": 0.7, "temperature": 0.95, "repetition_penalty": 1.1}
 GREEDY_BELOW = 1e-5  # a temperature this small is greedy (dividing logits by it overflows)
 FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "abort"}
 ENGINE_TO_API_FIELDS = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
@@ -92,7 +92,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
     app = FastAPI(title="minicoder", version="0.1.0", lifespan=lifespan,
                   docs_url="/docs" if open_docs else None, redoc_url="/redoc" if open_docs else None,
                   openapi_url="/openapi.json" if open_docs else None,
-                  description="A code LLM behind seed 001's route and an OpenAI-compatible API.")
+                  description="A code LLM behind an OpenAI-compatible API, editor and harness APIs, and the prompt + history chat route.")
     app.state.server = server
     install_ui(app)  # GET /: the web UI for browsers, this server's description as JSON otherwise
     install_error_handlers(app)
@@ -141,9 +141,9 @@ class _Server:
     def generation_routes(self) -> APIRouter:
         router = APIRouter(dependencies=[Depends(self.api_key_checker())], responses=ERROR_RESPONSES)
 
-        @router.post("/", response_model=Seed001Response, tags=["seed 001"], summary="Chat (seed 001's API)")
-        async def seed_001(body: Seed001Request, request: Request):
-            return await self.seed_001(body, request)
+        @router.post("/", response_model=HistoryChatResponse, tags=["prompt + history chat"], summary="Chat with prompt + history (the DeepSeek-Coder FastAPI tutorial's API)")
+        async def history_chat(body: HistoryChatRequest, request: Request):
+            return await self.history_chat(body, request)
 
         @router.get("/v1/models", response_model=ModelList, tags=["openai"])
         async def models():
@@ -175,8 +175,8 @@ class _Server:
 
         return check
 
-    # --- POST / (seed 001) -------------------------------------------------------------------------
-    async def seed_001(self, body: Seed001Request, request: Request) -> Seed001Response:
+    # --- POST / (prompt + history chat) -------------------------------------------------------------------------
+    async def history_chat(self, body: HistoryChatRequest, request: Request) -> HistoryChatResponse:
         history = body.history or []
         messages = []
         for user, assistant in history:
@@ -184,13 +184,13 @@ class _Server:
         messages.append({"role": "user", "content": body.prompt})
         prompt_ids = await self.chat_prompt(messages, param="prompt")
         max_new = min(self.fit_context(prompt_ids, None, "prompt"),
-                      _or(body.max_length, SEED_001_DEFAULTS["max_length"]))
+                      _or(body.max_length, HISTORY_CHAT_DEFAULTS["max_length"]))
         params = SamplingParams(
             max_new_tokens=max_new,
-            temperature=_or(body.temperature, SEED_001_DEFAULTS["temperature"]),
-            top_k=_or(body.top_k, SEED_001_DEFAULTS["top_k"]),
-            top_p=_or(body.top_p, SEED_001_DEFAULTS["top_p"]),
-            repetition_penalty=_or(body.repetition_penalty, SEED_001_DEFAULTS["repetition_penalty"]),
+            temperature=_or(body.temperature, HISTORY_CHAT_DEFAULTS["temperature"]),
+            top_k=_or(body.top_k, HISTORY_CHAT_DEFAULTS["top_k"]),
+            top_p=_or(body.top_p, HISTORY_CHAT_DEFAULTS["top_p"]),
+            repetition_penalty=_or(body.repetition_penalty, HISTORY_CHAT_DEFAULTS["repetition_penalty"]),
         )
         self.validated(params, {"max_new_tokens": "max_length"})
         generation = Generation(self.engine, f"seed-{uuid.uuid4().hex}", [(prompt_ids, params)], self.metrics)
@@ -200,7 +200,7 @@ class _Server:
         finally:
             generation.close()
         now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
-        return Seed001Response(response=out.text, history=[*history, (body.prompt, out.text)], status=200, time=now)
+        return HistoryChatResponse(response=out.text, history=[*history, (body.prompt, out.text)], status=200, time=now)
 
     # --- POST /v1/completions ----------------------------------------------------------------------
     async def completions(self, body: CompletionRequest, request: Request):

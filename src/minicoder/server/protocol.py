@@ -1,4 +1,4 @@
-"""Request and response bodies of the HTTP API: the OpenAI-compatible routes and the seed-001 route.
+"""Request and response bodies of the HTTP API: the OpenAI-compatible routes and the prompt + history chat route.
 
 Pydantic checks types and ranges, so a bad field gets a 400 that names it, and FastAPI builds the
 OpenAPI schema (`/docs`) from these models. Fields follow OpenAI's API; the extra sampling fields
@@ -149,8 +149,8 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[dict] | None = Field(None, description="Not supported: must be absent or empty.")
 
 
-class Seed001Request(StrictModel):
-    """`POST /`: the request of seed 001's FastAPI deployment, unchanged."""
+class HistoryChatRequest(StrictModel):
+    """`POST /`: the request of the DeepSeek-Coder FastAPI tutorial's server (`prompt` + `history`), unchanged."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [{"prompt": "你好", "history": []}]})
 
@@ -279,7 +279,7 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class Seed001Response(BaseModel):
+class HistoryChatResponse(BaseModel):
     response: str
     history: list[tuple[str, str]]
     status: int = 200
