@@ -4,8 +4,9 @@ AdamW with warmup + cosine decay, gradient clipping and accumulation, bf16 autoc
 hardware runs it fast, DDP under `torchrun` (gloo on CPU, nccl on GPU). Every step goes to
 OUT/log.jsonl; every `log_interval` steps a line in the seed's style; every `eval_interval` steps the
 validation loss and bits per byte; every `save_interval` steps an atomic checkpoint. `--resume` continues
-from the newest checkpoint that loads completely (a torn last log line from a killed run is dropped) and reproduces the losses of an uninterrupted run exactly: data order is a
-function of (seed, step) and the optimizer and RNG states are restored.
+from the newest checkpoint that loads completely (a torn last log line from a killed run is dropped) and
+reproduces the losses of an uninterrupted run exactly: data order is a function of (seed, step) and the
+optimizer and RNG states are restored.
 """
 
 from __future__ import annotations
