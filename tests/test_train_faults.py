@@ -176,6 +176,7 @@ def test_leftovers_of_dead_runs_are_removed_and_live_ones_kept(tiny_packed, tiny
         leftover = out / "checkpoints" / name if name.startswith(".step") else out / name
         leftover.mkdir(parents=True)
         (leftover / "model.safetensors").write_bytes(b"x" * 1000)
+    (out / f".log.jsonl.tmp-{dead}").write_text("{}")  # a file: killed while the log was rewritten on resume
     (out / "checkpoints" / f".notes.tmp-{dead}").mkdir()  # not a name training writes: left alone
     run_cli("pretrain", "--config", str(tiny_preset), "--data", str(tiny_packed), "--out", str(out), "--resume",
             "--max-steps", "2", "--quiet", check=True)

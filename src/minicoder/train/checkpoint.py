@@ -117,9 +117,9 @@ def load_trainer_state(path: Path) -> dict:
 
 def clean_run_dir(out_dir: Path) -> None:
     """Tidy what killed runs left in a run folder: partial checkpoints, checkpoints half-deleted by rotation,
-    a `final/` caught mid-replacement (put back)."""
+    a `final/` caught mid-replacement (put back), temporary copies of the log and the small JSON files."""
     clean_stale_temps(out_dir / "checkpoints", r"step-\d+")
-    clean_stale_temps(out_dir, r"final|settings\.json|summary\.json")
+    clean_stale_temps(out_dir, r"final|log\.jsonl|settings\.json|summary\.json")
 
 
 @dataclass
