@@ -30,6 +30,13 @@ def log_lines(run_dir: Path) -> int:
         return 0
 
 
+def hidden_entries(folder: Path) -> list[str]:
+    try:
+        return [name for name in os.listdir(folder) if name.startswith(".")]
+    except FileNotFoundError:
+        return []
+
+
 def torn_last_line(run_dir: Path) -> bool:
     try:
         data = (run_dir / "log.jsonl").read_bytes()
@@ -46,18 +53,24 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 600) -> None:
 
 def kill_at_random_moment(args: list[str], run_dir: Path, step_seconds: float, rng: random.Random) -> str:
     """Start a resume and SIGKILL it at a random moment, measured in steps of this machine so the moments spread
-    over steps, saves and rotations at any speed; return where it was aimed ('resume' or 'training')."""
+    over steps, saves and rotations at any speed; return where it was aimed ('resume', 'save' or 'training')."""
     before = log_lines(run_dir)
     stdout = run_dir.parent / "killed.stdout"
     with open(stdout, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "minicoder", *args], stdout=out, stderr=subprocess.DEVNULL,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    aim = rng.random()
     try:
-        if rng.random() < 0.3 and before:  # tidying leftovers, setting checkpoints aside, truncating the log
+        if aim < 0.3 and before:  # tidying leftovers, setting checkpoints aside, truncating the log
             moment = "resume"
             wait_for(lambda: "resuming from" in stdout.read_text(), proc)
             time.sleep(rng.uniform(0.0, 0.5) * step_seconds)
-        else:  # steps, checkpoint saves, rotations, log appends
+        elif aim < 0.6:  # inside a checkpoint save or rotation: as soon as its hidden work directory appears
+            moment = "save"
+            earlier = set(hidden_entries(run_dir / "checkpoints"))  # a killed run's leftovers, tidied at start-up
+            wait_for(lambda: set(hidden_entries(run_dir / "checkpoints")) - earlier, proc)
+            time.sleep(rng.uniform(0.0, 0.02))
+        else:  # anywhere in steps, checkpoint saves, rotations, log appends
             moment = "training"
             wait_for(lambda: log_lines(run_dir) > before, proc)
             time.sleep(rng.uniform(0.0, 2.0) * step_seconds)
@@ -83,9 +96,8 @@ def test_kill_9_at_random_moments_every_checkpoint_loads_and_resume_is_exact(tin
         moments[kill_at_random_moment([*common, "--out", str(killed), "--resume"], killed, step_seconds, rng)] += 1
         assert_every_checkpoint_loads(killed)
         for folder in (killed, killed / "checkpoints"):
-            for p in folder.iterdir() if folder.is_dir() else []:
-                if p.name.startswith("."):
-                    leftovers[p.name.split(".")[-1].split("-")[0]] += 1  # tmp (mid-save), del (mid-rotation), old
+            for name in hidden_entries(folder):
+                leftovers[name.split(".")[-1].split("-")[0]] += 1  # tmp (mid-save), del (mid-rotation), old
         torn += torn_last_line(killed)
 
     steps_done = log_lines(killed)
