@@ -85,7 +85,7 @@ def cmd_train(args, overrides):
         data = sft_datasets(args.data, args.init, train_cfg.seq_len)
     summary = train(model_cfg, train_cfg, data, args.out, resume=args.resume, stop_after=args.stop_after,
                     progress=not args.quiet, run_info={"stage": args.command, "preset": Path(args.config).stem})
-    if "final" in summary or summary.get("end_step", 0) > summary.get("start_step", 0):
+    if summary.get("end_step", 0) > summary.get("start_step", 0):
         line = f"trained steps {summary['start_step']}..{summary['end_step']}: {summary['tokens']:,} tokens in {summary['seconds']}s, loss {summary['loss']:.4f}"
         if summary.get("val_loss") is not None:
             line += f", val_loss {summary['val_loss']:.4f}"

@@ -34,7 +34,7 @@ from .dedup import JACCARD_THRESHOLD, NUM_PERM, SHINGLE_WORDS, ExactDeduplicator
 from .filters import decode_file, parse_python, rule_filter
 from .io import atomic_output_dir
 from .ordering import Import, order_files, python_imports
-from .sources import EXTENSION_LANGUAGE, Repository, Source, SourceFile, language_of, open_source
+from .sources import EXTENSION_LANGUAGE, Repository, Source, SourceFile, language_of, open_source, printable_name
 
 DEFAULT_MAX_FILE_BYTES = 1_000_000
 SHARD_BYTES = 64 * 2**20
@@ -49,8 +49,18 @@ _SLASH_COMMENT = ("// ", "")  # C, C++, Java, JavaScript, TypeScript, Go, Rust
 
 
 def path_header(path: str, language: str) -> str:
+    """The comment line naming a file; a path cannot end the comment early (newlines are escaped, `-->` broken)."""
     start, end = _COMMENT_SYNTAX.get(language, _SLASH_COMMENT)
+    path = printable_name(path)[0]
+    if end:
+        path = path.replace(end.strip(), end.strip().replace(">", "\\>"))
     return f"{start}{path}{end}"
+
+
+def max_row_bytes(max_file_bytes: int) -> int:
+    """The longest JSONL row worth reading: JSON escaping takes at most 6 bytes per byte of text (``\\u0000``),
+    plus room for the other fields; a longer row cannot hold a file within `max_file_bytes`."""
+    return 6 * max_file_bytes + 2**16
 
 
 @dataclass
@@ -70,6 +80,7 @@ class CorpusCounts:
     files_seen: int = 0
     files_kept: int = 0
     bytes_kept: int = 0
+    escaped_names: int = 0  # files seen whose path had undecodable bytes or control characters (kept, escaped)
     dropped: Counter = field(default_factory=Counter)  # filter name -> files
     exact_duplicates: int = 0
     near_duplicates_file: int = 0
@@ -228,6 +239,7 @@ class CorpusBuilder:
             if max_files is not None and self.counts.files_seen >= max_files:
                 break
             self.counts.files_seen += 1
+            self.counts.escaped_names += file.name_escaped
             if PurePosixPath(file.path).name == "__init__.py":
                 package_dirs.add(str(PurePosixPath(file.path).parent))
             if (kept_file := self.screen(file)) is not None:
@@ -271,7 +283,7 @@ def build_corpus(sources: list[str], out_dir: str | Path, *, max_files: int | No
         raise MinicoderError(f"--max-files must be at least 1, got {max_files}")
     if max_file_bytes < 1:
         raise MinicoderError(f"--max-file-bytes must be at least 1, got {max_file_bytes}")
-    opened = [open_source(spec) for spec in sources]  # all sources checked before any work
+    opened = [open_source(spec, max_row_bytes(max_file_bytes)) for spec in sources]  # all checked before any work
     out_dir = Path(out_dir)
     with atomic_output_dir(out_dir, force=force) as tmp:
         decontaminator = Decontaminator.from_humaneval() if decontaminate else None
@@ -336,7 +348,9 @@ def summary(meta: dict) -> str:
     return (f"Kept {c['files_kept']:,} of {c['files_seen']:,} files ({c['bytes_kept'] / 1e6:.1f} MB) as "
             f"{meta['documents']:,} repository samples (of {c['repositories_seen']:,} repositories) in "
             f"{len(meta['shards'])} shard(s). Removed: {counts.removed_description()}"
-            f"{f' ({tasks})' if tasks else ''}. Took {meta['seconds']:.1f} s.")
+            f"{f' ({tasks})' if tasks else ''}."
+            f"{f' Escaped {counts.escaped_names:,} unprintable file names.' if counts.escaped_names else ''}"
+            f" Took {meta['seconds']:.1f} s.")
 
 
 # --- command line ----------------------------------------------------------------------------------------------

@@ -9,7 +9,10 @@ A source is one of
   - ``hf:<folder>``: a Hugging Face dataset saved with ``save_to_disk`` (rows as above).
 
 Everything is lazy: a repository's files are read only when the consumer iterates over them, so memory stays
-bounded by one repository however large the source is.
+bounded by one repository however large the source is. Hostile input is contained here: folders are walked
+without recursion (any depth), a JSONL row longer than the row limit is skipped without being read whole, and
+names that are not printable UTF-8 (undecodable bytes, lone surrogates, newlines and other control characters)
+are escaped (``caf\\xe9.py``) so a path header can never break out of its comment.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import itertools
 import json
 import os
 import sysconfig
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -61,6 +65,28 @@ _ROW_TEXT_FIELDS = ("content", "text")
 _ROW_REPO_FIELDS = ("repo", "repo_name", "max_stars_repo_name", "repository_name")
 _ROW_PATH_FIELDS = ("path", "max_stars_repo_path", "file_path")
 _ROW_LANGUAGE_FIELDS = ("lang", "language")
+DEFAULT_MAX_ROW_BYTES = 8 * 2**20  # a JSONL line longer than this is skipped (counted `too_large`), never read whole
+_SKIP_CHUNK = 2**20
+
+
+def printable_name(name: str) -> tuple[str, bool]:
+    """(name, False) when it is printable UTF-8, else (an escaped copy, True).
+
+    Undecodable bytes of a file name (surrogateescape, U+DC80..U+DCFF) become ``\\xNN``, other lone surrogates
+    ``\\udNNN``, and control, format and line/paragraph-separator characters their ``\\x``/``\\u`` escapes.
+    """
+    out, escaped = [], False
+    for ch in name:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp"):
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(ch)
+            continue
+        escaped = True
+    return ("".join(out), True) if escaped else (name, False)
 
 
 def language_of(path: str) -> str | None:
@@ -75,6 +101,7 @@ class SourceFile:
     path: str  # inside the repository, '/'-separated; also the path header of the sample
     size: int  # in bytes, known before reading so oversized files are never read
     read_bytes: Callable[[], bytes | None]  # None: a dataset row without text (counted as `bad_row`)
+    name_escaped: bool = False  # the path was not printable UTF-8 and holds escapes (see printable_name)
 
 
 @dataclass(frozen=True)
@@ -95,8 +122,10 @@ class Source:
         return self._repositories()
 
 
-def open_source(spec: str) -> Source:
-    """Check a source argument and return it, ready to stream; raise MinicoderError naming the path if unusable."""
+def open_source(spec: str, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> Source:
+    """Check a source argument and return it, ready to stream; raise MinicoderError naming the path if unusable.
+
+    `max_row_bytes` bounds one JSONL line: longer rows are skipped as `too_large` without being read whole."""
     if spec == "stdlib":
         return _package_dir_source(spec, Path(sysconfig.get_paths()["stdlib"]), _STDLIB_SKIPPED_DIRS)
     if spec == "site-packages":
@@ -109,7 +138,7 @@ def open_source(spec: str) -> Source:
     if path.is_file():
         if path.name.endswith(ROW_FILE_SUFFIXES):
             stem = path.name.split(".")[0]  # rows without a repository are named <stem>/<row number>
-            return Source(spec, path.resolve(), lambda: _row_repositories(_read_row_file(path), stem))
+            return Source(spec, path.resolve(), lambda: _row_repositories(_read_row_file(path, max_row_bytes), stem))
         raise MinicoderError(f"{path}: unknown source format (expected a folder, {', '.join(ROW_FILE_SUFFIXES)}, "
                              "'stdlib', 'site-packages' or 'hf:<folder>')")
     raise MinicoderError(f"{path}: source folder or file does not exist")
@@ -121,7 +150,8 @@ def open_source(spec: str) -> Source:
 def _is_skipped_dir(entry: Path, skipped: set[str]) -> bool:
     name = entry.name
     return (name.startswith(".") or name in skipped or name.endswith((".dist-info", ".egg-info"))
-            or (entry / "pyvenv.cfg").exists())  # a virtual environment inside a project
+            # a virtual environment inside a project; os.path.exists, unlike Path.exists, is False for a too-long path
+            or os.path.exists(entry / "pyvenv.cfg"))
 
 
 def _source_file(path: Path, base: Path) -> SourceFile:
@@ -129,22 +159,38 @@ def _source_file(path: Path, base: Path) -> SourceFile:
         size = path.stat().st_size
     except OSError:  # vanished or unreadable: reading it fails too, and is counted as `unreadable`
         size = 0
-    return SourceFile(path.relative_to(base).as_posix(), size, path.read_bytes)
+    name, escaped = printable_name(path.relative_to(base).as_posix())
+    return SourceFile(name, size, path.read_bytes, escaped)
 
 
 def _walk_files(start: Path, base: Path, skipped: set[str]) -> Iterator[SourceFile]:
-    """Files under `start` with a known language, in a deterministic order, paths relative to `base`.
+    """Files under `start` with a known language, paths relative to `base`, in os.walk's top-down sorted order.
 
-    Symbolic links are not followed: they point outside the repository or duplicate files inside it.
+    An explicit stack instead of os.walk, which recurses once per level (a 1,000-deep tree overflows Python's
+    stack). Symbolic links are not followed: they point outside the repository or duplicate files inside it.
+    A folder that cannot be listed (permissions, a path past the system's length limit) is skipped.
     """
-    for dirpath, dirnames, filenames in os.walk(start):
-        here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames
-                             if not (here / d).is_symlink() and not _is_skipped_dir(here / d, skipped))
-        for name in sorted(filenames):
-            path = here / name
-            if language_of(name) and not path.is_symlink() and path.is_file():
-                yield _source_file(path, base)
+    stack = [start]
+    while stack:
+        here = stack.pop()
+        try:
+            with os.scandir(here) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            continue
+        subdirs = []
+        for entry in entries:
+            try:
+                if entry.is_symlink():
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    if not _is_skipped_dir(Path(entry.path), skipped):
+                        subdirs.append(Path(entry.path))
+                elif language_of(entry.name) and entry.is_file(follow_symlinks=False):
+                    yield _source_file(Path(entry.path), base)
+            except OSError:
+                continue
+        stack.extend(reversed(subdirs))
 
 
 def _top_level_file(path: Path, base: Path) -> list[SourceFile]:
@@ -165,9 +211,9 @@ def _package_dir_repositories(root: Path, prefix: str, skipped: set[str]) -> Ite
     for entry in sorted(root.iterdir()):
         if entry.is_dir():
             if not entry.is_symlink() and not _is_skipped_dir(entry, skipped):
-                yield Repository(f"{prefix}/{entry.name}", _walk_files(entry, root, skipped))
+                yield Repository(printable_name(f"{prefix}/{entry.name}")[0], _walk_files(entry, root, skipped))
         elif files := _top_level_file(entry, root):
-            yield Repository(f"{prefix}/{Path(entry.name).stem}", files)
+            yield Repository(printable_name(f"{prefix}/{Path(entry.name).stem}")[0], files)
 
 
 def _is_project(folder: Path) -> bool:
@@ -178,16 +224,17 @@ def _folder_repositories(folder: Path) -> Iterator[Repository]:
     if _is_project(folder):
         # A package folder keeps its own name in paths (``pkg/mod.py``) so ``import pkg.mod`` resolves.
         base = folder.parent if (folder / "__init__.py").exists() else folder
-        yield Repository(folder.name, _walk_files(folder, base, _ALWAYS_SKIPPED_DIRS))
+        yield Repository(printable_name(folder.name)[0], _walk_files(folder, base, _ALWAYS_SKIPPED_DIRS))
         return
     entries = sorted(folder.iterdir())
     top_files = [f for entry in entries if not entry.is_dir() for f in _top_level_file(entry, folder)]
     if top_files:
-        yield Repository(folder.name, top_files)
+        yield Repository(printable_name(folder.name)[0], top_files)
     for entry in entries:
         if entry.is_dir() and not entry.is_symlink() and not _is_skipped_dir(entry, _ALWAYS_SKIPPED_DIRS):
             # Paths start with the subfolder's name: right for a folder of packages, harmless for projects.
-            yield Repository(f"{folder.name}/{entry.name}", _walk_files(entry, folder, _ALWAYS_SKIPPED_DIRS))
+            yield Repository(printable_name(f"{folder.name}/{entry.name}")[0],
+                             _walk_files(entry, folder, _ALWAYS_SKIPPED_DIRS))
 
 
 # --- rows: jsonl / parquet / Hugging Face datasets -------------------------------------------------------------
@@ -199,6 +246,7 @@ class Row:
     path: str | None
     language: str | None
     content: str | None  # None: the row had no text field or was not valid JSON (counted as `bad_row`)
+    skipped_bytes: int = 0  # > 0: a JSONL line past the row limit, skipped unread (counted as `too_large`)
 
 
 def _first_field(record: dict, names: tuple[str, ...]) -> str | None:
@@ -217,15 +265,31 @@ def _row_from_record(record) -> Row:
                _first_field(record, _ROW_LANGUAGE_FIELDS), content)
 
 
-def _read_jsonl(path: Path) -> Iterator[Row]:
+def _bounded_lines(f, limit: int) -> Iterator[bytes | int]:
+    """The lines of a binary file, or for a line longer than `limit` bytes its length, read past in chunks."""
+    while line := f.readline(limit + 1):
+        if len(line) <= limit:
+            yield line
+            continue
+        length = len(line)
+        while not line.endswith(b"\n") and (line := f.readline(_SKIP_CHUNK)):
+            length += len(line)
+        yield length
+
+
+def _read_jsonl(path: Path, max_row_bytes: int) -> Iterator[Row]:
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
+    with opener(path, "rb") as f:
+        for line in _bounded_lines(f, max_row_bytes):
+            if isinstance(line, int):
+                yield Row(None, None, None, None, skipped_bytes=line)
+                continue
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
+                # Invalid UTF-8 survives as surrogates, and fails as `not_utf8` like a file's bytes would.
+                record = json.loads(line.decode("utf-8", errors="surrogateescape"))
+            except (json.JSONDecodeError, RecursionError):  # RecursionError: a row of 100,000 nested brackets
                 record = None
             yield _row_from_record(record)
 
@@ -244,8 +308,8 @@ def _read_parquet(path: Path) -> Iterator[Row]:
             yield _row_from_record(record)
 
 
-def _read_row_file(path: Path) -> Iterator[Row]:
-    return _read_parquet(path) if path.name.endswith(".parquet") else _read_jsonl(path)
+def _read_row_file(path: Path, max_row_bytes: int) -> Iterator[Row]:
+    return _read_parquet(path) if path.name.endswith(".parquet") else _read_jsonl(path, max_row_bytes)
 
 
 def _hf_source(spec: str) -> Source:
@@ -291,10 +355,13 @@ def _unique_path(path: str, taken: set[str]) -> str:
     return candidate
 
 
-def _row_file(path: str, content: str | None) -> SourceFile:
+def _row_file(path: str, row: Row) -> SourceFile:
+    name, escaped = printable_name(path)
+    if row.skipped_bytes:
+        return SourceFile(name, row.skipped_bytes, lambda: None, escaped)
     # Lone surrogates survive encoding here and then fail UTF-8 decoding: counted as `not_utf8`, as for files.
-    data = content.encode("utf-8", errors="surrogatepass") if content is not None else None
-    return SourceFile(path, len(data) if data is not None else 0, (lambda: data))
+    data = row.content.encode("utf-8", errors="surrogatepass") if row.content is not None else None
+    return SourceFile(name, len(data) if data is not None else 0, (lambda: data), escaped)
 
 
 def _row_repositories(rows: Iterator[Row], stem: str) -> Iterator[Repository]:
@@ -304,7 +371,7 @@ def _row_repositories(rows: Iterator[Row], stem: str) -> Iterator[Repository]:
     """
     indexed = enumerate(rows)
     for key, group in itertools.groupby(indexed, key=lambda item: item[1].repo or f"{stem}/{item[0]}"):
-        yield Repository(key, _row_files(group))
+        yield Repository(printable_name(key)[0], _row_files(group))
 
 
 def _row_files(group: Iterator[tuple[int, Row]]) -> Iterator[SourceFile]:
@@ -312,4 +379,4 @@ def _row_files(group: Iterator[tuple[int, Row]]) -> Iterator[SourceFile]:
     for index, row in group:
         path = _row_path(row, index)
         if language_of(path):
-            yield _row_file(_unique_path(path, taken), row.content)
+            yield _row_file(_unique_path(path, taken), row)

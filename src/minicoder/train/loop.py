@@ -4,8 +4,9 @@ AdamW with warmup + cosine decay, gradient clipping and accumulation, bf16 autoc
 hardware runs it fast, DDP under `torchrun` (gloo on CPU, nccl on GPU). Every step goes to
 OUT/log.jsonl; every `log_interval` steps a line in the seed's style; every `eval_interval` steps the
 validation loss and bits per byte; every `save_interval` steps an atomic checkpoint. `--resume` continues
-from the newest checkpoint and reproduces the losses of an uninterrupted run exactly: data order is a
-function of (seed, step) and the optimizer and RNG states are restored.
+from the newest checkpoint that loads completely (a torn last log line from a killed run is dropped) and
+reproduces the losses of an uninterrupted run exactly: data order is a function of (seed, step) and the
+optimizer and RNG states are restored.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -24,10 +26,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..config import TrainConfig
+from ..data.io import atomic_write_text
 from ..errors import MinicoderError
 from ..model import LlamaForCausalLM, ModelConfig
-from .checkpoint import (list_checkpoints, load_trainer_state, read_training_info, save_checkpoint,
-                         save_model_dir, set_rng_state)
+from .checkpoint import (clean_run_dir, list_checkpoints, newest_loadable_checkpoint, read_training_info,
+                         save_checkpoint, save_model_dir, set_aside, set_rng_state)
 from .data import Datasets, EpochSampler, packed_datasets
 
 IGNORE_INDEX = -100
@@ -147,13 +150,28 @@ def plot_losses(log_file: Path, out_png: Path):
 
 
 def truncate_log(log_file: Path, last_step: int):
-    """On resume, keep only records up to the checkpoint: the resumed run rewrites the rest."""
+    """On resume, keep only records up to the checkpoint: the resumed run rewrites the rest.
+
+    The last line may be torn (the run was killed while appending it): it is dropped with a warning.
+    A bad line anywhere else is not something a kill makes, so it is an error naming the line.
+    """
     if not log_file.exists():
         return
-    keep = [line for line in log_file.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-    tmp = log_file.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, log_file)
+    lines = [(n, line) for n, line in enumerate(log_file.read_text(errors="replace").splitlines(), 1) if line.strip()]
+    keep = []
+    for n, line in lines:
+        try:
+            record = json.loads(line)
+            step = int(record["step"])
+        except (ValueError, KeyError, TypeError):  # JSONDecodeError is a ValueError
+            if n == lines[-1][0]:
+                print(f"warning: {log_file}:{n}: dropping a torn last line (the run was killed while writing it)",
+                      file=sys.stderr)
+                continue
+            raise MinicoderError(f"{log_file}:{n}: not a training log record; remove the line to resume") from None
+        if step <= last_step:
+            keep.append(line)
+    atomic_write_text(log_file, "".join(line + "\n" for line in keep))
 
 
 def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Datasets | str | Path, out_dir: str | Path, *,
@@ -175,6 +193,9 @@ def _train(model_cfg, cfg, data: Datasets, out_dir, ddp, resume, stop_after, pro
     if cfg.seq_len > model_cfg.max_position_embeddings:
         raise MinicoderError(f"seq_len {cfg.seq_len} > max_position_embeddings {model_cfg.max_position_embeddings}")
 
+    if ddp.main:
+        clean_run_dir(out_dir)
+    ddp.barrier()
     checkpoints = list_checkpoints(out_dir)
     if checkpoints and not resume:
         raise MinicoderError(f"{out_dir}: already holds checkpoints; pass --resume to continue it or choose another --out")
@@ -193,21 +214,30 @@ def _train(model_cfg, cfg, data: Datasets, out_dir, ddp, resume, stop_after, pro
                 "tokenizer_fingerprint": data.tokenizer_fingerprint}
 
     start_step, tokens_trained = 0, base_tokens
+    unloadable, info = [], None  # info: what the newest model is (stage, steps, tokens), for final/
     if resume and checkpoints:
-        step, path = checkpoints[-1]
-        state = load_trainer_state(path)
-        saved = LlamaForCausalLM.from_pretrained(path)
-        model.load_state_dict(saved.state_dict())
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        start_step = state["step"]
-        tokens_trained = read_training_info(path).get("tokens_trained", tokens_trained)
+        point, unloadable = newest_loadable_checkpoint(out_dir)
+        if point is None:
+            raise MinicoderError(f"{out_dir}: no checkpoint loads completely: " + "; ".join(why for _, why in unloadable))
+        model.load_state_dict(point.model.state_dict())
+        optimizer.load_state_dict(point.state["optimizer"])
+        set_rng_state(point.state["rng"])
+        start_step = point.state["step"]
+        info = point.info
+        tokens_trained = info.get("tokens_trained", tokens_trained)
         if ddp.main:
-            print(f"resuming from {path} (step {start_step})")
+            for _, why in unloadable:
+                print(f"warning: skipping a newer checkpoint: {why}", file=sys.stderr)
+            print(f"resuming from {point.path} (step {start_step})")
+    elif resume and ddp.main:
+        print(f"--resume: no checkpoint in {out_dir / 'checkpoints'} yet; starting a fresh run", file=sys.stderr)
+    ddp.barrier()  # every process has read its checkpoint before unloadable ones are moved
     if ddp.main:
+        for path, _ in unloadable:
+            set_aside(path)
         out_dir.mkdir(parents=True, exist_ok=True)
         truncate_log(out_dir / "log.jsonl", start_step)
-        (out_dir / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+        atomic_write_text(out_dir / "settings.json", json.dumps(settings, indent=2) + "\n")
 
     amp = autocast_dtype(cfg.dtype, ddp.device)
     runner = model
@@ -291,13 +321,15 @@ def _train(model_cfg, cfg, data: Datasets, out_dir, ddp, resume, stop_after, pro
     summary.update(end_step=end_step, loss=last_loss, seconds=round(time.time() - run_start, 1))
     if last_val:
         summary.update(val_loss=last_val.get("val_loss"), val_bpb=last_val.get("val_bpb"))
-    if ddp.main and end_step == cfg.max_steps and end_step > start_step:
-        final = out_dir / "final"
+    final = out_dir / "final"
+    # Also when a resumed run had nothing left to train but was killed before its final/ was complete.
+    if ddp.main and end_step == cfg.max_steps and info is not None and (
+            end_step > start_step or read_training_info(final).get("steps") != end_step):
         save_model_dir(model, tokenizer_dir, final, info=info)
         summary["final"] = str(final)
     if ddp.main and log_file.exists():
         plot_losses(log_file, out_dir / "loss.png")
         summary["plot"] = str(out_dir / "loss.png")
     if ddp.main:
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
