@@ -172,7 +172,9 @@ def test_reply_streams_token_by_token_with_counts(page, server):
     expect(meta).to_contain_text("tokens/s", timeout=60_000)
     seen = page.evaluate("window.seen")
     growing = [n for i, n in enumerate(seen) if i == 0 or n > seen[i - 1]]
-    assert len(set(growing)) >= 4, f"the reply did not grow in steps: text lengths seen {seen}"
+    # At least two partial renders before the last (the page renders once per animation frame, so a busy
+    # machine merges many tokens into one render; a reply shown only when complete gives one length).
+    assert len(set(growing)) >= 3, f"the reply did not grow in steps: text lengths seen {seen}"
 
     # The stored reply is what the API gives for the same greedy request, and the counts are the server's.
     reply = stored_conversation(page)["messages"][-1]
