@@ -44,14 +44,16 @@ def cmd_tokenizer_train(args):
 
 
 def cmd_pack(args):
+    from .data.fim import FimSettings
     from .data.pack import pack
 
-    meta = pack(args.corpus, args.tokenizer, args.out, fim_rate=args.fim_rate, fim_mode=args.fim_mode,
+    fim = FimSettings(rate=args.fim_rate, spm_rate=args.fim_spm_rate, line_rate=args.fim_line_rate)
+    meta = pack(args.corpus, args.tokenizer, args.out, fim=fim, window=args.seq_len, chunk_tokens=args.fim_chunk_tokens,
                 val_fraction=args.val_fraction, seed=args.seed, force=args.force)
-    tr, va = meta["splits"]["train"], meta["splits"]["val"]
+    tr, va, f = meta["splits"]["train"], meta["splits"]["val"], meta["fim"]
     print(f"packed: train {tr['tokens']:,} tokens ({tr['documents']} documents, {tr['repositories']} repositories, "
-          f"{meta['fim']['documents']} FIM-transformed); val {va['tokens']:,} tokens ({va['repositories']} repositories); "
-          f"{meta['seconds']}s -> {args.out}")
+          f"{f['placed']} FIM chunks inside {f['window']}-token windows, {f['demoted_to_plain']} left plain); "
+          f"val {va['tokens']:,} tokens ({va['repositories']} repositories); {meta['seconds']}s -> {args.out}")
 
 
 def cmd_sft_data(args):
@@ -184,8 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--corpus", required=True, help="a directory made by `minicoder data corpus`")
     k.add_argument("--tokenizer", required=True, help="a directory made by `minicoder tokenizer train`")
     k.add_argument("--out", required=True)
-    k.add_argument("--fim-rate", type=float, default=0.5, help="fraction of training documents FIM-transformed (default 0.5)")
-    k.add_argument("--fim-mode", default="psm", choices=["psm", "spm"])
+    k.add_argument("--seq-len", type=int, default=512, help="the training sequence length: every FIM chunk is placed "
+                   "inside one window of this many tokens (default 512)")
+    k.add_argument("--fim-rate", type=float, default=0.5, help="fraction of training chunks FIM-transformed (default 0.5)")
+    k.add_argument("--fim-spm-rate", type=float, default=0.5, help="fraction of FIM chunks in SPM order, the rest PSM (default 0.5)")
+    k.add_argument("--fim-line-rate", type=float, default=0.5,
+                   help="fraction of FIM chunks whose middle is whole line(s), the rest a random span (default 0.5)")
+    k.add_argument("--fim-chunk-tokens", type=int, help="longest chunk a file is cut into (default 3/4 of --seq-len)")
     k.add_argument("--val-fraction", type=float, default=0.05, help="fraction of repositories held out (default 0.05)")
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--force", action="store_true", help="replace an existing output directory")
