@@ -142,16 +142,27 @@ def cmd_eval(args):
         from .eval.humaneval import generate_samples, score_samples
 
         out.mkdir(parents=True, exist_ok=True)
+        if args.protocol == "standard" and (args.samples or args.temperature is not None):
+            raise MinicoderError("--protocol standard sets its own temperatures and generates its own samples: "
+                                 "drop --temperature / --samples")
         if args.samples:
             samples = Path(args.samples)
             model_info["model"] = model_info["model"] or str(samples)
+            scores = score_samples(samples, ks=(1, 10, 100))
+        elif args.protocol == "standard":
+            from .eval.protocol import run_settings, standard_settings
+
+            completer = make_completer(args.model, args.endpoint, seed=args.seed)
+            scores = run_settings(completer, out, standard_settings(args.n_samples or 20), args.limit)
         else:
             completer = make_completer(args.model, args.endpoint, seed=args.seed)
-            samples = generate_samples(completer, out / "samples.jsonl", args.n_samples, args.temperature, args.limit)
-        scores = score_samples(samples, ks=(1, 10, 100))
-        print(f"HumanEval: {scores['problems']} problems, {scores['samples']} samples: "
-              + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k.startswith("pass@"))
-              + f" -> {samples.with_name(samples.name + '_results.jsonl')}")
+            samples = generate_samples(completer, out / "samples.jsonl", args.n_samples or 1, args.temperature or 0.0,
+                                       args.limit)
+            scores = score_samples(samples, ks=(1, 10, 100))
+        if args.samples or args.protocol == "single":
+            print(f"HumanEval: {scores['problems']} problems, {scores['samples']} samples: "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k.startswith("pass@"))
+                  + f" -> {samples.with_name(samples.name + '_results.jsonl')}")
     elif args.eval_command == "infill":
         from .eval.completers import make_completer
         from .eval.humaneval import write_jsonl
@@ -167,7 +178,7 @@ def cmd_eval(args):
         scores = heldout_loss(args.model, args.data, seq_len=args.seq_len, max_windows=args.max_windows)
         print(f"held-out loss {scores['loss']:.4f} nats/token, {scores['bits_per_byte']:.4f} bits/byte "
               f"({scores['windows']} windows of {scores['seq_len']} tokens)")
-    summary = write_report(args.eval_command, scores, model_info, out, None if args.no_results_md else args.results_md)
+    summary = write_report(args.eval_command, scores, model_info, out, args.results_md)
     print(f"summary: {out / (summary['task'] + '_summary.json')}")
 
 
@@ -279,13 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
             e.add_argument("--seq-len", type=int)
             e.add_argument("--max-windows", type=int)
         if name == "humaneval":
-            e.add_argument("--n-samples", type=int, default=1)
-            e.add_argument("--temperature", type=float, default=0.0)
+            e.add_argument("--protocol", choices=["single", "standard"], default="single",
+                           help="single: one run at --temperature (default); standard: pass@1 greedy, pass@1 at T=0.2 "
+                                "and pass@10 at T=0.8 (n=20 each unless --n-samples), as papers report them")
+            e.add_argument("--n-samples", type=int, help="samples per problem (default 1; 20 with --protocol standard)")
+            e.add_argument("--temperature", type=float, help="with --protocol single (default 0 = greedy)")
             e.add_argument("--samples", help="score this existing samples JSONL instead of generating")
             e.add_argument("--seed", type=int, default=0)
         e.add_argument("--out", default="runs/eval", help="where samples, results and the summary go")
-        e.add_argument("--results-md", default="docs/results.md", help="Markdown table the scores are appended to")
-        e.add_argument("--no-results-md", action="store_true")
+        e.add_argument("--results-md", help="also append a row to this Markdown results table (e.g. docs/results.md)")
         e.set_defaults(func=cmd_eval)
     return p
 
