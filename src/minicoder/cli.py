@@ -68,6 +68,18 @@ def cmd_sft_data(args):
           + (f"; skipped {counts['user_skipped']} bad lines" if counts.get("user_skipped") else "") + f" -> {args.out}")
 
 
+def cmd_tasks(args):
+    from .data.tasks import build_task_corpus
+
+    meta = build_task_corpus(args.out, args.corpus, exercises=args.exercises, replay=args.replay, seed=args.seed,
+                             val_fraction=args.val_fraction, force=args.force)
+    print(f"task data: {meta['exercises_kept']} verified exercises of {meta['exercises_requested']}; documents "
+          + ", ".join(f"{k} {v}" for k, v in meta["documents"].items())
+          + "; " + ", ".join(f"{k} {v}" for k, v in meta["kept"].items())
+          + f"; dropped {', '.join(f'{k} {v}' for k, v in meta['dropped'].items()) or 'nothing'}"
+          + f" -> {args.out}")
+
+
 def cmd_train(args, overrides):
     """`pretrain` and `sft`: one loop; they differ in the data they feed it."""
     from .config import load_config
@@ -220,6 +232,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-decontam", action="store_true")
     d.add_argument("--force", action="store_true")
     d.set_defaults(func=cmd_sft_data)
+
+    ta = data.add_parser("tasks", help="task-shaped data for annealing: verified exercises, mined documented functions, replay")
+    ta.add_argument("--corpus", help="a directory made by `minicoder data corpus` to mine functions from and replay")
+    ta.add_argument("--out", required=True)
+    ta.add_argument("--exercises", type=int, default=20000, help="exercises to generate (each verified in the sandbox)")
+    ta.add_argument("--replay", type=float, default=0.25, help="share of the corpus documents mixed back in (default 0.25)")
+    ta.add_argument("--val-fraction", type=float, default=0.05, help="as given to `data pack`: its held-out "
+                    "repositories are never mined or replayed")
+    ta.add_argument("--seed", type=int, default=0, help="as given to `data pack`; also seeds the exercises")
+    ta.add_argument("--force", action="store_true")
+    ta.set_defaults(func=cmd_tasks)
 
     t = sub.add_parser("tokenizer", help="train a tokenizer").add_subparsers(dest="tok_command", required=True)
     tt = t.add_parser("train", help="train byte-level BPE on a bounded sample of a corpus")

@@ -1,0 +1,50 @@
+"""Task-shaped data: generated exercises pass their own tests in the sandbox, never collide with HumanEval,
+and `minicoder data tasks` writes them with mined functions and replay into a packable corpus."""
+
+from __future__ import annotations
+
+import json
+
+from minicoder.data.decontam import Decontaminator, humaneval_references
+from minicoder.data.exercises import FAMILIES, Exercise, generate, verify
+from minicoder.data.tasks import humaneval_entry_points
+
+from conftest import run_cli
+
+
+def test_exercise_solutions_pass_their_tests_in_the_sandbox():
+    exercises = generate(len(FAMILIES) * 3, seed=7)
+    assert {ex.family for ex in exercises} == {f.__name__ for f in FAMILIES}
+    broken = Exercise("add_one", ["x"], "Return x plus one.", "    return x + 2\n", [((1,), 2)])
+    looping = Exercise("spin", ["x"], "Never returns.", "    while True:\n        pass\n", [((1,), 1)])
+    verdicts = verify([*exercises, broken], progress=False)
+    assert verdicts == [True] * len(exercises) + [False]  # a wrong reference solution is caught
+    assert verify([looping, exercises[0]], progress=False) == [False, False]  # a hung batch counts as failed
+
+
+def test_exercises_never_collide_with_humaneval():
+    names = humaneval_entry_points()
+    decontam = Decontaminator(humaneval_references())
+    exercises = generate(2000, seed=0)
+    assert not any(ex.name in names for ex in exercises)
+    assert not any(decontam.contaminated(ex.code() + ex.tests()) for ex in exercises)
+    # the check itself works: a HumanEval solution's text is caught
+    assert decontam.contaminated(next(iter(humaneval_references().values())))
+
+
+def test_data_tasks_writes_a_packable_corpus(tiny_corpus, tiny_tokenizer, tmp_path):
+    out = tmp_path / "tasks"
+    proc = run_cli("data", "tasks", "--corpus", str(tiny_corpus), "--out", str(out), "--exercises", "60",
+                   "--replay", "0.5", "--val-fraction", "0.1", check=True)
+    assert "60 verified exercises" in proc.stdout
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["documents"]["exercises"] == 8 and meta["documents"]["mined"] > 0 and meta["documents"]["replay"] > 0
+    rows = [json.loads(line) for line in (out / "docs" / "shard-00000.jsonl").read_text().splitlines()]
+    from minicoder.data.pack import choose_validation_repos
+
+    held_out = choose_validation_repos({json.loads(l)["repo"] for l in (tiny_corpus / "docs" / "shard-00000.jsonl").open()}, 0.1, 0)
+    assert not any(r["repo"] in held_out or r["repo"].split("/", 1)[-1].rsplit("/", 1)[0] in held_out for r in rows)
+    assert all('"""' in r["text"] for r in rows if r["kind"] == "exercises")
+    run_cli("data", "pack", "--corpus", str(out), "--tokenizer", str(tiny_tokenizer), "--out", str(tmp_path / "p"), check=True)
+    proc = run_cli("data", "tasks", "--out", str(tmp_path / "none"), "--exercises", "0")
+    assert proc.returncode == 2 and "--exercises" in proc.stderr
