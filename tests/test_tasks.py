@@ -48,3 +48,11 @@ def test_data_tasks_writes_a_packable_corpus(tiny_corpus, tiny_tokenizer, tmp_pa
     run_cli("data", "pack", "--corpus", str(out), "--tokenizer", str(tiny_tokenizer), "--out", str(tmp_path / "p"), check=True)
     proc = run_cli("data", "tasks", "--out", str(tmp_path / "none"), "--exercises", "0")
     assert proc.returncode == 2 and "--exercises" in proc.stderr
+
+
+def test_sft_data_takes_exercises_in_chat_form(tmp_path):
+    run_cli("data", "sft", "--exercises", "30", "--out", str(tmp_path / "sft"), "--val-fraction", "0", check=True)
+    rows = [json.loads(line) for line in (tmp_path / "sft" / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == 30 and {r["kind"] for r in rows} == {"exercise"}
+    user, assistant = rows[0]["messages"]
+    assert user["content"].startswith("Write a Python function `") and assistant["content"].startswith("```python\ndef ")

@@ -61,7 +61,7 @@ def cmd_sft_data(args):
 
     meta = build_sft_data(args.out, args.corpus, args.messages or (), seed=args.seed, val_fraction=args.val_fraction,
                           max_pairs=args.max_pairs, decontaminate=not args.no_decontam, skip_bad=args.skip_bad,
-                          force=args.force)
+                          exercises=args.exercises, force=args.force)
     counts = meta["counts"]
     print(f"SFT data: {meta['train']} train + {meta['val']} val conversations ({', '.join(f'{k} {v}' for k, v in meta['kinds'].items())}); "
           f"removed {counts.get('duplicates', 0)} duplicates, {counts.get('decontaminated', 0)} HumanEval-contaminated"
@@ -229,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--val-fraction", type=float, default=0.05)
     d.add_argument("--max-pairs", type=int, help="keep at most this many conversations (a seeded sample)")
     d.add_argument("--skip-bad", action="store_true", help="skip malformed --messages lines (and count them) instead of failing")
+    d.add_argument("--exercises", type=int, default=0, help="add N generated exercises (solutions verified in the sandbox)")
     d.add_argument("--no-decontam", action="store_true")
     d.add_argument("--force", action="store_true")
     d.set_defaults(func=cmd_sft_data)
