@@ -13,7 +13,10 @@ DEMO_SFT_STEPS ?= 200
 export TOKENIZERS_PARALLELISM ?= true
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: install demo test test-slow bench clean
+MODEL ?= runs/model
+RECIPE ?= small
+
+.PHONY: install demo model test test-slow bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +32,7 @@ demo: install
 	$(MC) data corpus stdlib --out $(DEMO)/corpus; \
 	echo "== 2/7 tokenizer: byte-level BPE, 4096 tokens"; \
 	$(MC) tokenizer train --corpus $(DEMO)/corpus --out $(DEMO)/tokenizer --vocab-size 4096; \
-	echo "== 3/7 pack: fill-in-the-middle (rate 0.5, PSM), uint16 shards, validation by repository"; \
+	echo "== 3/7 pack: fill-in-the-middle per chunk inside 512-token windows (rate 0.5, PSM+SPM), uint16 shards, validation by repository"; \
 	$(MC) data pack --corpus $(DEMO)/corpus --tokenizer $(DEMO)/tokenizer --out $(DEMO)/data; \
 	echo "== 4/7 pretrain: the nano preset"; \
 	$(MC) pretrain --config configs/nano.toml --data $(DEMO)/data --out $(DEMO) --max-steps $(DEMO_STEPS); \
@@ -49,6 +52,10 @@ demo: install
 	  echo "--- user: $$q"; $(MC) generate $(DEMO)/sft/final --chat --prompt "$$q" --max-new-tokens 96; \
 	done; \
 	echo "== done in $$(( $$(date +%s) - start ))s; pretrained model: $(DEMO)/final, SFT model: $(DEMO)/sft/final (corpus, tokenizer, data, checkpoints, logs, loss.png beside them)"
+
+# The shipped model's recipe, corpus to model card, resumable: `make model` again continues where it stopped.
+model: install
+	$(MC) recipe $(RECIPE) --out $(MODEL) $$([ -f $(MODEL)/recipe.json ] && echo --resume)
 
 test: install
 	$(BIN)/python -m pytest -q

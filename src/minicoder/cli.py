@@ -299,6 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     configure_chat(ch)
     ch.set_defaults(func=cmd_chat)
 
+    from . import recipe
+
+    rc = sub.add_parser("recipe", help="the whole model in one resumable command: corpus -> ... -> SFT -> eval -> model card")
+    recipe.configure_parser(rc)
+    rc.set_defaults(func=recipe.run)
+
     ev = sub.add_parser("eval", help="HumanEval pass@k, single-line infilling, held-out loss").add_subparsers(
         dest="eval_command", required=True)
     for name, help_text in (("humaneval", "HumanEval pass@k with executed tests (in the sandbox)"),

@@ -39,11 +39,7 @@ def file_spans(text: str, paths: list[str]) -> list[tuple[int, int]]:
 
 
 def line_starts(text: str) -> list[int]:
-    starts = [0]
-    for i, ch in enumerate(text):
-        if ch == "\n" and i + 1 < len(text):
-            starts.append(i + 1)
-    return starts
+    return [0] + [m.end() for m in re.finditer("\n", text) if m.end() < len(text)]
 
 
 def chunk_spans(text: str, token_starts: list[int], max_tokens: int) -> list[tuple[int, int]]:

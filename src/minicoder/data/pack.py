@@ -218,8 +218,10 @@ def pack(corpus_dir, tokenizer_dir, out_dir, *, fim: FimSettings = FimSettings()
         raise MinicoderError(f"{corpus_dir}: the corpus has no documents")
     val_repos = choose_validation_repos(repos, val_fraction, seed)
 
+    starts_of: dict[str, list[int]] = {}  # file text -> where its tokens start, for the current batch
+
     def token_starts(text: str) -> list[int]:
-        return [s for s, _ in tok.tok.encode(text, add_special_tokens=False).offsets]
+        return starts_of.get(text) or [s for s, _ in tok.tok.encode(text, add_special_tokens=False).offsets]
 
     with atomic_output_dir(out_dir, force=force) as tmp:
         val = ShardWriter(tmp, "val", dtype)
@@ -232,6 +234,10 @@ def pack(corpus_dir, tokenizer_dir, out_dir, *, fim: FimSettings = FimSettings()
             for doc, ids in zip(val_docs, tok.encode_batch([d["text"] for d in val_docs])):
                 val.write([tok.bos_id, *ids, tok.eos_id])
                 val.add_document(doc["repo"], len(doc["text"].encode("utf-8")))
+            files = [d["text"][a:b] for d in batch if d["repo"] not in val_repos for a, b in file_spans(d["text"], d["paths"])]
+            starts_of.clear()
+            starts_of.update((t, [s for s, _ in e.offsets]) for t, e in
+                             zip(files, tok.tok.encode_batch(files, add_special_tokens=False)))
             segments = []
             for doc in batch:
                 if doc["repo"] in val_repos:
