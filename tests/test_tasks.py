@@ -56,3 +56,24 @@ def test_sft_data_takes_exercises_in_chat_form(tmp_path):
     assert len(rows) == 30 and {r["kind"] for r in rows} == {"exercise"}
     user, assistant = rows[0]["messages"]
     assert user["content"].startswith("Write a Python function `") and assistant["content"].startswith("```python\ndef ")
+
+
+def test_educational_value_filter_and_repository_cap(tmp_path):
+    import ast
+
+    from minicoder.data.filters import educational_value
+
+    lesson = 'def area(r):\n    """Area of a circle of radius r."""\n    return 3.14159 * r * r\n'
+    table = "TABLE = [\n" + "".join(f"    {i}, {i + 1}, {i + 2},\n" for i in range(0, 300, 3)) + "]\n"
+    assert educational_value(ast.parse(lesson), lesson) > 0.9 > 0.1 > educational_value(ast.parse(table), table)
+    src = tmp_path / "src"
+    for repo, files in {"lessons": {f"m{i}.py": lesson.replace("area", f"area{i}") * (i + 1) for i in range(6)},
+                        "tables": {"t.py": table}}.items():
+        (src / repo).mkdir(parents=True)
+        for name, text in files.items():
+            (src / repo / name).write_text(text)
+    run_cli("data", "corpus", str(src), "--out", str(tmp_path / "c"), "--min-edu-score", "0.3", "--max-repo-bytes", "300",
+            "--no-progress", check=True)
+    meta = json.loads((tmp_path / "c" / "meta.json").read_text())
+    assert meta["counts"]["dropped"]["low_educational_value"] == 1 and meta["counts"]["dropped"]["repository_cap"] >= 3
+    assert meta["settings"]["min_edu_score"] == 0.3
