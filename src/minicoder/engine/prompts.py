@@ -63,15 +63,12 @@ class PromptBuilder:
         return self.tokenizer.encode(prompt)
 
     def fim(self, prefix: str, suffix: str) -> list[int]:
-        return self.fim_ids(self.text(prefix), self.text(suffix))
-
-    def fim_ids(self, prefix_ids: list[int], suffix_ids: list[int]) -> list[int]:
-        """The FIM layout around already encoded (possibly truncated) prefix and suffix tokens."""
         fmt = self.fim_format
         if fmt is None:
             raise ValueError("this tokenizer has no fill-in-the-middle tokens")
         vocab = self.vocab
-        return [*self.start_ids, vocab[fmt.prefix], *prefix_ids, vocab[fmt.suffix], *suffix_ids, vocab[fmt.middle]]
+        return [*self.start_ids, vocab[fmt.prefix], *self.text(prefix), vocab[fmt.suffix], *self.text(suffix),
+                vocab[fmt.middle]]
 
     def repository(self, files: list[tuple[str, str]], path: str, code: str, repo_name: str = "") -> list[int]:
         """Complete `code` of file `path`, with the repository's other `files` (path, text) before it,

@@ -58,7 +58,11 @@ class LocalCompleter:
             self.truncated_prompts += 1
             keep_s = min(len(s), max(room // 4, room - len(p)))
             p, s = p[len(p) - (room - keep_s):] if room > keep_s else [], s[:keep_s]
-        return prompts.fim_ids(p, s), max_tokens
+        fmt, vocab = prompts.fim_format, prompts.vocab
+        if fmt is None:
+            raise ValueError("this tokenizer has no fill-in-the-middle tokens")
+        # The same layout as PromptBuilder.fim, around the cut token lists.
+        return [*prompts.start_ids, vocab[fmt.prefix], *p, vocab[fmt.suffix], *s, vocab[fmt.middle]], max_tokens
 
     def complete(self, prompts, n, temperature, max_tokens, stop, suffixes=None, progress=True):
         from ..engine.sampling import SamplingParams
