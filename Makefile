@@ -13,10 +13,7 @@ DEMO_SFT_STEPS ?= 200
 export TOKENIZERS_PARALLELISM ?= true
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-MODEL ?= runs/model
-RECIPE ?= small
-
-.PHONY: install demo model test test-slow bench clean
+.PHONY: install demo test test-slow bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +51,9 @@ demo: install
 	echo "== done in $$(( $$(date +%s) - start ))s; pretrained model: $(DEMO)/final, SFT model: $(DEMO)/sft/final (corpus, tokenizer, data, checkpoints, logs, loss.png beside them)"
 
 # The shipped model's recipe, corpus to model card, resumable: `make model` again continues where it stopped.
+MODEL ?= runs/model
+RECIPE ?= small
+.PHONY: model
 model: install
 	$(MC) recipe $(RECIPE) --out $(MODEL) $$([ -f $(MODEL)/recipe.json ] && echo --resume)
 

@@ -89,10 +89,10 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def run_cli(*args: str, check: bool = False, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m minicoder ...` as a user would, capturing its output."""
     proc = subprocess.run([sys.executable, "-m", "minicoder", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=600, cwd=cwd)
+                          env={**os.environ, **(env or {})}, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"minicoder {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
     return proc

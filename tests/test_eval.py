@@ -134,10 +134,17 @@ def test_truncated_fim_prompt_keeps_its_control_tokens(tiny_trained):
 
 
 def test_results_table_only_when_asked(tiny_trained, tmp_path):
-    proc = run_cli("eval", "infill", str(tiny_trained / "final"), "--limit", "1", "--out", str(tmp_path / "o"),
-                   check=True, cwd=tmp_path)
+    import subprocess
+    import sys
+
+    def minicoder(*args):  # run from tmp_path: a default results table would land in tmp_path/docs
+        return subprocess.run([sys.executable, "-m", "minicoder", *args], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=600)
+
+    proc = minicoder("eval", "infill", str(tiny_trained / "final"), "--limit", "1", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "o" / "infill_summary.json").is_file() and not (tmp_path / "docs").exists()
     assert "exact match" in proc.stdout
-    proc = run_cli("eval", "humaneval", str(tiny_trained / "final"), "--protocol", "standard", "--temperature", "0.5",
-                   "--out", str(tmp_path / "h"), cwd=tmp_path)
+    proc = minicoder("eval", "humaneval", str(tiny_trained / "final"), "--protocol", "standard", "--temperature", "0.5",
+                     "--out", str(tmp_path / "h"))
     assert proc.returncode == 2 and "--temperature" in proc.stderr
