@@ -299,12 +299,6 @@ def build_parser() -> argparse.ArgumentParser:
     configure_chat(ch)
     ch.set_defaults(func=cmd_chat)
 
-    from . import recipe
-
-    rc = sub.add_parser("recipe", help="the whole model in one resumable command: corpus -> ... -> SFT -> eval -> model card")
-    recipe.configure_parser(rc)
-    rc.set_defaults(func=recipe.run)
-
     ev = sub.add_parser("eval", help="HumanEval pass@k, single-line infilling, held-out loss").add_subparsers(
         dest="eval_command", required=True)
     for name, help_text in (("humaneval", "HumanEval pass@k with executed tests (in the sandbox)"),
@@ -330,6 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--out", default="runs/eval", help="where samples, results and the summary go")
         e.add_argument("--results-md", help="also append a row to this Markdown results table (e.g. docs/results.md)")
         e.set_defaults(func=cmd_eval)
+
+    from . import recipe
+
+    rc = sub.add_parser("recipe", help="the whole model in one resumable command: corpus -> ... -> SFT -> eval -> model card")
+    recipe.configure_parser(rc)
+    rc.set_defaults(func=recipe.run)
     return p
 
 
