@@ -14,7 +14,7 @@ from conftest import TINY_PRESET, run_cli
 
 SFT_PRESET = """
 [train]
-seq_len = 64
+seq_len = 128
 batch_size = 4
 max_steps = 4
 lr = 1e-3
@@ -36,7 +36,7 @@ overrides = {{ max_steps = 6 }}
 exercises = 40
 replay = 0.5
 [anneal]
-overrides = {{ max_steps = 4 }}
+overrides = {{ max_steps = 4, save_interval = 2 }}
 [sft]
 config = "sft.toml"
 exercises = 30
