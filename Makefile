@@ -50,13 +50,6 @@ demo: install
 	done; \
 	echo "== done in $$(( $$(date +%s) - start ))s; pretrained model: $(DEMO)/final, SFT model: $(DEMO)/sft/final (corpus, tokenizer, data, checkpoints, logs, loss.png beside them)"
 
-# The shipped model's recipe, corpus to model card, resumable: `make model` again continues where it stopped.
-MODEL ?= runs/model
-RECIPE ?= small
-.PHONY: model
-model: install
-	$(MC) recipe $(RECIPE) --out $(MODEL) $$([ -f $(MODEL)/recipe.json ] && echo --resume)
-
 test: install
 	$(BIN)/python -m pytest -q
 
@@ -65,6 +58,13 @@ test-slow: install
 
 bench: install
 	$(BIN)/python benchmarks/train_throughput.py
+
+# The shipped model's recipe, corpus to model card, resumable: `make model` again continues where it stopped.
+MODEL ?= runs/model
+RECIPE ?= small
+.PHONY: model
+model: install
+	$(MC) recipe $(RECIPE) --out $(MODEL) $$([ -f $(MODEL)/recipe.json ] && echo --resume)
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info

@@ -274,16 +274,16 @@ def build_corpus(sources: list[str], out_dir: str | Path, *, max_files: int | No
     and a corpus that ends up empty; `out_dir` is then left as it was.
     """
     started = time.monotonic()
+    if not 0 <= min_edu_score <= 1:
+        raise MinicoderError(f"--min-edu-score must be in [0, 1], got {min_edu_score}")
+    if max_repo_bytes is not None and max_repo_bytes < 1:
+        raise MinicoderError(f"--max-repo-bytes must be at least 1, got {max_repo_bytes}")
     if not sources:
         raise MinicoderError("no sources given (a folder, a .jsonl/.parquet file, 'stdlib' or 'site-packages')")
     if max_files is not None and max_files < 1:
         raise MinicoderError(f"--max-files must be at least 1, got {max_files}")
     if max_file_bytes < 1:
         raise MinicoderError(f"--max-file-bytes must be at least 1, got {max_file_bytes}")
-    if not 0 <= min_edu_score <= 1:
-        raise MinicoderError(f"--min-edu-score must be in [0, 1], got {min_edu_score}")
-    if max_repo_bytes is not None and max_repo_bytes < 1:
-        raise MinicoderError(f"--max-repo-bytes must be at least 1, got {max_repo_bytes}")
     opened = [open_source(spec) for spec in sources]  # all sources checked before any work
     out_dir = Path(out_dir)
     with atomic_output_dir(out_dir, force=force) as tmp:
