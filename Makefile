@@ -35,7 +35,7 @@ demo: install
 	$(MC) data corpus stdlib --out $(DEMO)/corpus; \
 	echo "== 2/7 tokenizer: byte-level BPE, 4096 tokens"; \
 	$(MC) tokenizer train --corpus $(DEMO)/corpus --out $(DEMO)/tokenizer --vocab-size 4096; \
-	echo "== 3/7 pack: fill-in-the-middle (rate 0.5, PSM), uint16 shards, validation by repository"; \
+	echo "== 3/7 pack: fill-in-the-middle per chunk inside 512-token windows (rate 0.5, PSM+SPM), uint16 shards, validation by repository"; \
 	$(MC) data pack --corpus $(DEMO)/corpus --tokenizer $(DEMO)/tokenizer --out $(DEMO)/data; \
 	echo "== 4/7 pretrain: the nano preset"; \
 	$(MC) pretrain --config configs/nano.toml --data $(DEMO)/data --out $(DEMO) --max-steps $(DEMO_STEPS); \
@@ -85,6 +85,13 @@ screenshots: install
 
 bench: install
 	$(BIN)/python benchmarks/train_throughput.py
+
+# The shipped model's recipe, corpus to model card, resumable: `make model` again continues where it stopped.
+MODEL ?= runs/model
+RECIPE ?= small
+.PHONY: model
+model: install
+	$(MC) recipe $(RECIPE) --out $(MODEL) $$([ -f $(MODEL)/recipe.json ] && echo --resume)
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info

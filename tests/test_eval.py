@@ -63,7 +63,7 @@ def test_pass_at_k_is_the_unbiased_estimator(n, c, k):
 def test_bad_samples_file_names_the_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"task_id": "HumanEval/0", "completion": ""}\n{"task_id": "HumanEval/1"}\n')
-    proc = run_cli("eval", "humaneval", "--samples", str(bad), "--out", str(tmp_path), "--no-results-md")
+    proc = run_cli("eval", "humaneval", "--samples", str(bad), "--out", str(tmp_path))
     assert proc.returncode == 2 and "bad.jsonl:2" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -112,3 +112,39 @@ def test_eval_cli_on_a_trained_model(tiny_trained, tiny_packed, tmp_path):
     assert 0 < scores["loss"] < 8
     table = md.read_text()
     assert table.count("\n| 20") == 2 and "humaneval" in table and "pass@1" in table and "bits_per_byte" in table
+
+
+def test_truncated_fim_prompt_keeps_its_control_tokens(tiny_trained):
+    from minicoder.eval.completers import LocalCompleter
+
+    completer = LocalCompleter(str(tiny_trained / "final"))
+    prompts = completer.engine.prompts
+    prefix = "".join(f"x{i} = {i}\n" for i in range(200)) + "def f():\n    return "
+    suffix = "\n" + "".join(f"y{i} = {i}\n" for i in range(200))
+    ids, max_new = completer.fim_prompt(prefix, suffix, max_tokens=32)
+    context = completer.engine.max_request_tokens
+    assert len(ids) + max_new <= context and completer.truncated_prompts == 1
+    begin, hole, end = (prompts.vocab[t] for t in (prompts.fim_format.prefix, prompts.fim_format.suffix, prompts.fim_format.middle))
+    assert ids[: len(prompts.start_ids) + 1] == [*prompts.start_ids, begin] and ids[-1] == end and ids.count(hole) == 1
+    kept_prefix, kept_suffix = ids[len(prompts.start_ids) + 1 : ids.index(hole)], ids[ids.index(hole) + 1 : -1]
+    assert kept_prefix == prompts.text(prefix)[-len(kept_prefix):]  # the code right before the hole
+    assert kept_suffix == prompts.text(suffix)[: len(kept_suffix)] and len(kept_suffix) >= (context - max_new) // 4 - 4
+    short, _ = completer.fim_prompt("def f():\n    return ", "\n", max_tokens=32)
+    assert short == prompts.fim("def f():\n    return ", "\n") and completer.truncated_prompts == 1
+
+
+def test_results_table_only_when_asked(tiny_trained, tmp_path):
+    import subprocess
+    import sys
+
+    def minicoder(*args):  # run from tmp_path: a default results table would land in tmp_path/docs
+        return subprocess.run([sys.executable, "-m", "minicoder", *args], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=600)
+
+    proc = minicoder("eval", "infill", str(tiny_trained / "final"), "--limit", "1", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "o" / "infill_summary.json").is_file() and not (tmp_path / "docs").exists()
+    assert "exact match" in proc.stdout
+    proc = minicoder("eval", "humaneval", str(tiny_trained / "final"), "--protocol", "standard", "--temperature", "0.5",
+                     "--out", str(tmp_path / "h"))
+    assert proc.returncode == 2 and "--temperature" in proc.stderr

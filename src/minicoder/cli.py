@@ -45,14 +45,16 @@ def cmd_tokenizer_train(args):
 
 
 def cmd_pack(args):
+    from .data.fim import FimSettings
     from .data.pack import pack
 
-    meta = pack(args.corpus, args.tokenizer, args.out, fim_rate=args.fim_rate, fim_mode=args.fim_mode,
+    fim = FimSettings(rate=args.fim_rate, spm_rate=args.fim_spm_rate, line_rate=args.fim_line_rate)
+    meta = pack(args.corpus, args.tokenizer, args.out, fim=fim, window=args.seq_len, chunk_tokens=args.fim_chunk_tokens,
                 val_fraction=args.val_fraction, seed=args.seed, force=args.force)
-    tr, va = meta["splits"]["train"], meta["splits"]["val"]
+    tr, va, f = meta["splits"]["train"], meta["splits"]["val"], meta["fim"]
     print(f"packed: train {tr['tokens']:,} tokens ({tr['documents']} documents, {tr['repositories']} repositories, "
-          f"{meta['fim']['documents']} FIM-transformed); val {va['tokens']:,} tokens ({va['repositories']} repositories); "
-          f"{meta['seconds']}s -> {args.out}")
+          f"{f['placed']} FIM chunks inside {f['window']}-token windows, {f['demoted_to_plain']} left plain); "
+          f"val {va['tokens']:,} tokens ({va['repositories']} repositories); {meta['seconds']}s -> {args.out}")
 
 
 def cmd_sft_data(args):
@@ -60,11 +62,23 @@ def cmd_sft_data(args):
 
     meta = build_sft_data(args.out, args.corpus, args.messages or (), seed=args.seed, val_fraction=args.val_fraction,
                           max_pairs=args.max_pairs, decontaminate=not args.no_decontam, skip_bad=args.skip_bad,
-                          force=args.force)
+                          exercises=args.exercises, force=args.force)
     counts = meta["counts"]
     print(f"SFT data: {meta['train']} train + {meta['val']} val conversations ({', '.join(f'{k} {v}' for k, v in meta['kinds'].items())}); "
           f"removed {counts.get('duplicates', 0)} duplicates, {counts.get('decontaminated', 0)} HumanEval-contaminated"
           + (f"; skipped {counts['user_skipped']} bad lines" if counts.get("user_skipped") else "") + f" -> {args.out}")
+
+
+def cmd_tasks(args):
+    from .data.tasks import build_task_corpus
+
+    meta = build_task_corpus(args.out, args.corpus, exercises=args.exercises, replay=args.replay, seed=args.seed,
+                             val_fraction=args.val_fraction, force=args.force)
+    print(f"task data: {meta['exercises_kept']} verified exercises of {meta['exercises_requested']}; documents "
+          + ", ".join(f"{k} {v}" for k, v in meta["documents"].items())
+          + "; " + ", ".join(f"{k} {v}" for k, v in meta["kept"].items())
+          + f"; dropped {', '.join(f'{k} {v}' for k, v in meta['dropped'].items()) or 'nothing'}"
+          + f" -> {args.out}")
 
 
 def cmd_train(args, overrides):
@@ -147,16 +161,27 @@ def cmd_eval(args):
         from .eval.humaneval import generate_samples, score_samples
 
         out.mkdir(parents=True, exist_ok=True)
+        if args.protocol == "standard" and (args.samples or args.temperature is not None):
+            raise MinicoderError("--protocol standard sets its own temperatures and generates its own samples: "
+                                 "drop --temperature / --samples")
         if args.samples:
             samples = Path(args.samples)
             model_info["model"] = model_info["model"] or str(samples)
+            scores = score_samples(samples, ks=(1, 10, 100))
+        elif args.protocol == "standard":
+            from .eval.protocol import run_settings, standard_settings
+
+            completer = make_completer(args.model, args.endpoint, seed=args.seed)
+            scores = run_settings(completer, out, standard_settings(args.n_samples or 20), args.limit)
         else:
             completer = make_completer(args.model, args.endpoint, seed=args.seed)
-            samples = generate_samples(completer, out / "samples.jsonl", args.n_samples, args.temperature, args.limit)
-        scores = score_samples(samples, ks=(1, 10, 100))
-        print(f"HumanEval: {scores['problems']} problems, {scores['samples']} samples: "
-              + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k.startswith("pass@"))
-              + f" -> {samples.with_name(samples.name + '_results.jsonl')}")
+            samples = generate_samples(completer, out / "samples.jsonl", args.n_samples or 1, args.temperature or 0.0,
+                                       args.limit)
+            scores = score_samples(samples, ks=(1, 10, 100))
+        if args.samples or args.protocol == "single":
+            print(f"HumanEval: {scores['problems']} problems, {scores['samples']} samples: "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k.startswith("pass@"))
+                  + f" -> {samples.with_name(samples.name + '_results.jsonl')}")
     elif args.eval_command == "infill":
         from .eval.completers import make_completer
         from .eval.humaneval import write_jsonl
@@ -172,7 +197,7 @@ def cmd_eval(args):
         scores = heldout_loss(args.model, args.data, seq_len=args.seq_len, max_windows=args.max_windows)
         print(f"held-out loss {scores['loss']:.4f} nats/token, {scores['bits_per_byte']:.4f} bits/byte "
               f"({scores['windows']} windows of {scores['seq_len']} tokens)")
-    summary = write_report(args.eval_command, scores, model_info, out, None if args.no_results_md else args.results_md)
+    summary = write_report(args.eval_command, scores, model_info, out, args.results_md)
     print(f"summary: {out / (summary['task'] + '_summary.json')}")
 
 
@@ -191,8 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--corpus", required=True, help="a directory made by `minicoder data corpus`")
     k.add_argument("--tokenizer", required=True, help="a directory made by `minicoder tokenizer train`")
     k.add_argument("--out", required=True)
-    k.add_argument("--fim-rate", type=float, default=0.5, help="fraction of training documents FIM-transformed (default 0.5)")
-    k.add_argument("--fim-mode", default="psm", choices=["psm", "spm"])
+    k.add_argument("--seq-len", type=int, default=512, help="the training sequence length: every FIM chunk is placed "
+                   "inside one window of this many tokens (default 512)")
+    k.add_argument("--fim-rate", type=float, default=0.5, help="fraction of training chunks FIM-transformed (default 0.5)")
+    k.add_argument("--fim-spm-rate", type=float, default=0.5, help="fraction of FIM chunks in SPM order, the rest PSM (default 0.5)")
+    k.add_argument("--fim-line-rate", type=float, default=0.5,
+                   help="fraction of FIM chunks whose middle is whole line(s), the rest a random span (default 0.5)")
+    k.add_argument("--fim-chunk-tokens", type=int, help="longest chunk a file is cut into (default 3/4 of --seq-len)")
     k.add_argument("--val-fraction", type=float, default=0.05, help="fraction of repositories held out (default 0.05)")
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--force", action="store_true", help="replace an existing output directory")
@@ -206,9 +236,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--val-fraction", type=float, default=0.05)
     d.add_argument("--max-pairs", type=int, help="keep at most this many conversations (a seeded sample)")
     d.add_argument("--skip-bad", action="store_true", help="skip malformed --messages lines (and count them) instead of failing")
+    d.add_argument("--exercises", type=int, default=0, help="add N generated exercises (solutions verified in the sandbox)")
     d.add_argument("--no-decontam", action="store_true")
     d.add_argument("--force", action="store_true")
     d.set_defaults(func=cmd_sft_data)
+
+    ta = data.add_parser("tasks", help="task-shaped data for annealing: verified exercises, mined documented functions, replay")
+    ta.add_argument("--corpus", help="a directory made by `minicoder data corpus` to mine functions from and replay")
+    ta.add_argument("--out", required=True)
+    ta.add_argument("--exercises", type=int, default=20000, help="exercises to generate (each verified in the sandbox)")
+    ta.add_argument("--replay", type=float, default=0.25, help="share of the corpus documents mixed back in (default 0.25)")
+    ta.add_argument("--val-fraction", type=float, default=0.05, help="as given to `data pack`: its held-out "
+                    "repositories are never mined or replayed")
+    ta.add_argument("--seed", type=int, default=0, help="as given to `data pack`; also seeds the exercises")
+    ta.add_argument("--force", action="store_true")
+    ta.set_defaults(func=cmd_tasks)
 
     t = sub.add_parser("tokenizer", help="train a tokenizer").add_subparsers(dest="tok_command", required=True)
     tt = t.add_parser("train", help="train byte-level BPE on a bounded sample of a corpus")
@@ -290,14 +332,22 @@ def build_parser() -> argparse.ArgumentParser:
             e.add_argument("--seq-len", type=int)
             e.add_argument("--max-windows", type=int)
         if name == "humaneval":
-            e.add_argument("--n-samples", type=int, default=1)
-            e.add_argument("--temperature", type=float, default=0.0)
+            e.add_argument("--protocol", choices=["single", "standard"], default="single",
+                           help="single: one run at --temperature (default); standard: pass@1 greedy, pass@1 at T=0.2 "
+                                "and pass@10 at T=0.8 (n=20 each unless --n-samples), as papers report them")
+            e.add_argument("--n-samples", type=int, help="samples per problem (default 1; 20 with --protocol standard)")
+            e.add_argument("--temperature", type=float, help="with --protocol single (default 0 = greedy)")
             e.add_argument("--samples", help="score this existing samples JSONL instead of generating")
             e.add_argument("--seed", type=int, default=0)
         e.add_argument("--out", default="runs/eval", help="where samples, results and the summary go")
-        e.add_argument("--results-md", default="docs/results.md", help="Markdown table the scores are appended to")
-        e.add_argument("--no-results-md", action="store_true")
+        e.add_argument("--results-md", help="also append a row to this Markdown results table (e.g. docs/results.md)")
         e.set_defaults(func=cmd_eval)
+
+    from . import recipe
+
+    rc = sub.add_parser("recipe", help="the whole model in one resumable command: corpus -> ... -> SFT -> eval -> model card")
+    recipe.configure_parser(rc)
+    rc.set_defaults(func=recipe.run)
     return p
 
 

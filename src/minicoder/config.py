@@ -22,8 +22,10 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 1000  # the run's length; sets the learning-rate schedule
     lr: float = 1e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
     warmup_steps: int = 50
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay, see train/schedule.py)
+    decay_fraction: float = 0.2  # wsd: share of max_steps spent decaying at the end
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95

@@ -31,7 +31,7 @@ from .. import __version__
 from ..errors import MinicoderError
 from .decontam import NGRAM, Decontaminator
 from .dedup import JACCARD_THRESHOLD, NUM_PERM, SHINGLE_WORDS, ExactDeduplicator, MinHasher, NearDeduplicator
-from .filters import decode_file, parse_python, rule_filter
+from .filters import decode_file, educational_value, parse_python, rule_filter
 from .io import atomic_output_dir
 from .ordering import Import, order_files, python_imports
 from .sources import EXTENSION_LANGUAGE, Repository, Source, SourceFile, language_of, open_source, printable_name
@@ -159,8 +159,11 @@ class ShardWriter:
 class CorpusBuilder:
     """Screens files and turns repositories into samples; holds the dedup indexes shared by all sources."""
 
-    def __init__(self, *, max_file_bytes: int, decontaminator: Decontaminator | None, seed: int):
+    def __init__(self, *, max_file_bytes: int, decontaminator: Decontaminator | None, seed: int,
+                 min_edu_score: float = 0.0, max_repo_bytes: int | None = None):
         self.max_file_bytes = max_file_bytes
+        self.min_edu_score = min_edu_score  # filters.educational_value; 0 keeps everything
+        self.max_repo_bytes = max_repo_bytes  # caps large, repetitive libraries: files past it are not kept
         self.decontaminator = decontaminator
         self.counts = CorpusCounts()
         self._exact = ExactDeduplicator()
@@ -203,6 +206,8 @@ class CorpusBuilder:
             tree = parse_python(text)
             if tree is None:
                 return None, "syntax_error"
+            if self.min_edu_score and educational_value(tree, text) < self.min_edu_score:
+                return None, "low_educational_value"
             imports = python_imports(tree)
         if self._exact.is_duplicate(text):
             return None, "exact_duplicate"
@@ -242,6 +247,9 @@ class CorpusBuilder:
             self.counts.escaped_names += file.name_escaped
             if PurePosixPath(file.path).name == "__init__.py":
                 package_dirs.add(str(PurePosixPath(file.path).parent))
+            if self.max_repo_bytes and sum(f.size for f in kept) >= self.max_repo_bytes:
+                self.counts.dropped["repository_cap"] += 1
+                continue
             if (kept_file := self.screen(file)) is not None:
                 kept.append(kept_file)
         if self.counts.files_seen > seen_before:
@@ -269,7 +277,8 @@ def main_language(files: list[KeptFile]) -> str:
 
 def build_corpus(sources: list[str], out_dir: str | Path, *, max_files: int | None = None,
                  max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, decontaminate: bool = True, force: bool = False,
-                 progress: bool = True, seed: int = 1) -> dict:
+                 progress: bool = True, seed: int = 1, min_edu_score: float = 0.0,
+                 max_repo_bytes: int | None = None) -> dict:
     """Build a corpus from `sources` into `out_dir` and return its meta dict (also written as meta.json).
 
     `max_files` caps the files read (for quick runs); `seed` picks the MinHash permutations.
@@ -277,6 +286,10 @@ def build_corpus(sources: list[str], out_dir: str | Path, *, max_files: int | No
     and a corpus that ends up empty; `out_dir` is then left as it was.
     """
     started = time.monotonic()
+    if not 0 <= min_edu_score <= 1:
+        raise MinicoderError(f"--min-edu-score must be in [0, 1], got {min_edu_score}")
+    if max_repo_bytes is not None and max_repo_bytes < 1:
+        raise MinicoderError(f"--max-repo-bytes must be at least 1, got {max_repo_bytes}")
     if not sources:
         raise MinicoderError("no sources given (a folder, a .jsonl/.parquet file, 'stdlib' or 'site-packages')")
     if max_files is not None and max_files < 1:
@@ -287,7 +300,8 @@ def build_corpus(sources: list[str], out_dir: str | Path, *, max_files: int | No
     out_dir = Path(out_dir)
     with atomic_output_dir(out_dir, force=force) as tmp:
         decontaminator = Decontaminator.from_humaneval() if decontaminate else None
-        builder = CorpusBuilder(max_file_bytes=max_file_bytes, decontaminator=decontaminator, seed=seed)
+        builder = CorpusBuilder(max_file_bytes=max_file_bytes, decontaminator=decontaminator, seed=seed,
+                                min_edu_score=min_edu_score, max_repo_bytes=max_repo_bytes)
         writer = ShardWriter(tmp / "docs")
         try:
             _build(opened, builder, writer, max_files, progress)
@@ -303,7 +317,8 @@ def build_corpus(sources: list[str], out_dir: str | Path, *, max_files: int | No
             "minicoder_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "sources": [{"spec": s.spec, "path": str(s.location)} for s in opened],
-            "settings": _settings(max_files, max_file_bytes, decontaminator, seed),
+            "settings": {**_settings(max_files, max_file_bytes, decontaminator, seed),
+                         "min_edu_score": min_edu_score, "max_repo_bytes": max_repo_bytes},
             "counts": counts.as_dict(),
             "documents": writer.documents,
             "shards": writer.shards,
@@ -368,6 +383,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="stop after reading N files (quick runs)")
     parser.add_argument("--max-file-bytes", type=int, default=DEFAULT_MAX_FILE_BYTES, metavar="B",
                         help=f"drop files larger than B bytes (default {DEFAULT_MAX_FILE_BYTES:,})")
+    parser.add_argument("--min-edu-score", type=float, default=0.0, metavar="S",
+                        help="drop Python files whose educational-value score (documented, short functions, few data "
+                             "tables; 0..1) is below S (default 0: keep all)")
+    parser.add_argument("--max-repo-bytes", type=int, default=None, metavar="B",
+                        help="keep at most ~B bytes of files per repository (caps large, repetitive libraries)")
     parser.add_argument("--no-decontam", dest="decontaminate", action="store_false",
                         help="keep files that share a 10-gram with HumanEval")
     parser.add_argument("--seed", type=int, default=1, help="seed of the MinHash permutations (default 1)")
@@ -378,6 +398,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     meta = build_corpus(args.sources, args.out, max_files=args.max_files, max_file_bytes=args.max_file_bytes,
                         decontaminate=args.decontaminate, force=args.force, progress=args.progress,
-                        seed=args.seed)
+                        seed=args.seed, min_edu_score=args.min_edu_score, max_repo_bytes=args.max_repo_bytes)
     print(summary(meta))
     print(f"corpus written to {args.out}")

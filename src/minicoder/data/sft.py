@@ -4,6 +4,7 @@ Mining needs no download. Every function or method with a docstring in the corpu
   - "implement": the signature and docstring as an instruction -> the function as the answer;
   - one of "docstring" (write the docstring for this code), "explain" (what does this code do), or
     "fim" (fill in the marked line), picked by a seeded RNG per function.
+Generated exercises (`--exercises N`, verified in the sandbox) add "exercise" pairs: the request -> the function.
 Pairs are deduplicated, decontaminated against HumanEval with the corpus builder's `Decontaminator`, and split
 into train/val by repository. User JSONL rows are OpenAI `messages` conversations, validated line by line.
 
@@ -160,11 +161,24 @@ def read_user_messages(path: Path, skip_bad: bool, counts: Counter) -> Iterator[
             yield {"messages": messages, "kind": "user", "repo": f"{path.name}:{lineno}"}
 
 
+def exercise_rows(n: int, seed: int, counts: Counter, progress: bool = True) -> Iterator[dict]:
+    """Generated exercises whose reference solutions passed their tests in the sandbox, as chat pairs."""
+    from .exercises import generate, verify
+
+    exercises = generate(n, seed)
+    for i, (ex, ok) in enumerate(zip(exercises, verify(exercises, progress=progress))):
+        if not ok:
+            counts["exercise_failed_tests"] += 1
+            continue
+        yield {"messages": [{"role": "user", "content": ex.instruction()}, {"role": "assistant", "content": fence(ex.code())}],
+               "kind": "exercise", "repo": f"exercises/{i // 8}"}
+
+
 def build_sft_data(out_dir, corpus_dir=None, messages_files=(), *, seed: int = 0, val_fraction: float = 0.05,
                    max_pairs: int | None = None, decontaminate: bool = True, skip_bad: bool = False,
-                   force: bool = False, progress: bool = True) -> dict:
-    if not corpus_dir and not messages_files:
-        raise MinicoderError("give --corpus DIR and/or --messages FILE")
+                   exercises: int = 0, force: bool = False, progress: bool = True) -> dict:
+    if not corpus_dir and not messages_files and not exercises:
+        raise MinicoderError("give --corpus DIR, --messages FILE and/or --exercises N")
     if corpus_dir and not Path(corpus_dir).is_dir():
         raise MinicoderError(f"{corpus_dir}: corpus directory does not exist")
     start = time.time()
@@ -177,6 +191,8 @@ def build_sft_data(out_dir, corpus_dir=None, messages_files=(), *, seed: int = 0
             yield from mine_corpus(Path(corpus_dir), seed, counts, progress)
         for f in messages_files:
             yield from read_user_messages(Path(f), skip_bad, counts)
+        if exercises:
+            yield from exercise_rows(exercises, seed, counts, progress)
 
     rows = []
     for row in all_rows():

@@ -31,24 +31,48 @@ class LocalCompleter:
         self.name = str(self.model_dir)
         self.truncated_prompts = 0
 
-    def fit_context(self, ids: list[int], max_tokens: int) -> tuple[list[int], int]:
-        """Keep the first token (BOS) and the newest prompt tokens so that prompt + completion fit the
-        model's context (small models have short contexts; HumanEval prompts run to ~600 tokens)."""
+    def budget(self, max_tokens: int) -> tuple[int, int]:
+        """(prompt tokens, new tokens) that fit the model's context together (small models have short
+        contexts; HumanEval prompts run to ~600 tokens)."""
         context = self.engine.max_request_tokens
         max_tokens = min(max_tokens, context // 2)
-        budget = context - max_tokens
+        return context - max_tokens, max_tokens
+
+    def fit_context(self, ids: list[int], max_tokens: int) -> tuple[list[int], int]:
+        """A completion prompt: keep the first token (BOS) and the newest prompt tokens."""
+        budget, max_tokens = self.budget(max_tokens)
         if len(ids) > budget:
             self.truncated_prompts += 1
             ids = ids[:1] + ids[len(ids) - budget + 1 :]
         return ids, max_tokens
+
+    def fim_prompt(self, prefix: str, suffix: str, max_tokens: int) -> tuple[list[int], int]:
+        """A FIM prompt that fits: the control tokens always stay; the prefix loses its start and the suffix
+        its end (the code nearest the hole matters most), the suffix keeping at least a quarter of the room."""
+        budget, max_tokens = self.budget(max_tokens)
+        prompts = self.engine.prompts
+        p, s = prompts.text(prefix), prompts.text(suffix)
+        overhead = len(prompts.fim("", ""))
+        room = budget - overhead
+        if len(p) + len(s) > room:
+            self.truncated_prompts += 1
+            keep_s = min(len(s), max(room // 4, room - len(p)))
+            p, s = p[len(p) - (room - keep_s):] if room > keep_s else [], s[:keep_s]
+        fmt, vocab = prompts.fim_format, prompts.vocab
+        if fmt is None:
+            raise ValueError("this tokenizer has no fill-in-the-middle tokens")
+        # The same layout as PromptBuilder.fim, around the cut token lists.
+        return [*prompts.start_ids, vocab[fmt.prefix], *p, vocab[fmt.suffix], *s, vocab[fmt.middle]], max_tokens
 
     def complete(self, prompts, n, temperature, max_tokens, stop, suffixes=None, progress=True):
         from ..engine.sampling import SamplingParams
 
         jobs, params = [], []
         for i, prompt in enumerate(prompts):
-            ids = self.engine.prompts.fim(prompt, suffixes[i]) if suffixes else self.engine.prompts.completion(prompt)
-            ids, max_new = self.fit_context(ids, max_tokens)
+            if suffixes:
+                ids, max_new = self.fim_prompt(prompt, suffixes[i], max_tokens)
+            else:
+                ids, max_new = self.fit_context(self.engine.prompts.completion(prompt), max_tokens)
             for j in range(n):
                 jobs.append(ids)
                 params.append(SamplingParams(max_new_tokens=max_new, temperature=temperature,

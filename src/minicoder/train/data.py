@@ -99,6 +99,10 @@ def packed_datasets(data_dir: str | Path, seq_len: int) -> Datasets:
     data_dir = Path(data_dir)
     meta = read_data_meta(data_dir)
     val_info = meta["splits"].get("val", {})
+    window = meta.get("fim", {}).get("window")
+    if window and seq_len % window and meta["fim"].get("rate"):
+        print(f"note: {data_dir} was packed for {window}-token windows; at seq_len {seq_len} some FIM chunks "
+              f"straddle windows (repack with --seq-len {seq_len})")
     val = TokenWindows(data_dir, "val", seq_len) if val_info.get("tokens", 0) > seq_len else None
     return Datasets(train=TokenWindows(data_dir, "train", seq_len), val=val, tokenizer_dir=data_dir / "tokenizer",
                     vocab_size=meta["vocab_size"], source=str(data_dir.resolve()), val_tokens=val_info.get("tokens", 0),

@@ -1,6 +1,6 @@
 """The training loop, one for pretraining and SFT.
 
-AdamW with warmup + cosine decay, gradient clipping and accumulation, bf16 autocast where the
+AdamW with warmup + cosine or warmup-stable-decay (schedule.py), gradient clipping and accumulation, bf16 autocast where the
 hardware runs it fast, DDP under `torchrun` (gloo on CPU, nccl on GPU). Every step goes to
 OUT/log.jsonl; every `log_interval` steps a line in the seed's style; every `eval_interval` steps the
 validation loss and bits per byte; every `save_interval` steps an atomic checkpoint. `--resume` continues
@@ -32,17 +32,9 @@ from ..model import LlamaForCausalLM, ModelConfig
 from .checkpoint import (clean_run_dir, list_checkpoints, newest_loadable_checkpoint, read_training_info,
                          save_checkpoint, save_model_dir, set_aside, set_rng_state)
 from .data import Datasets, EpochSampler, packed_datasets
+from .schedule import SCHEDULES, lr_at
 
 IGNORE_INDEX = -100
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    min_lr = cfg.lr * cfg.min_lr_ratio
-    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
 
 
 def autocast_dtype(choice: str, device: torch.device) -> torch.dtype | None:
@@ -190,6 +182,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Datasets | str | Path,
 def _train(model_cfg, cfg, data: Datasets, out_dir, ddp, resume, stop_after, progress, run_info):
     train_data, val_data, tokenizer_dir = data.train, data.val, data.tokenizer_dir
     model_cfg.vocab_size = data.vocab_size
+    if cfg.schedule not in SCHEDULES:
+        raise MinicoderError(f"schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
+    if not 0 <= cfg.decay_fraction <= 1:
+        raise MinicoderError(f"decay_fraction must be in [0, 1], got {cfg.decay_fraction}")
     if cfg.seq_len > model_cfg.max_position_embeddings:
         raise MinicoderError(f"seq_len {cfg.seq_len} > max_position_embeddings {model_cfg.max_position_embeddings}")
 
