@@ -8,6 +8,8 @@ import logging
 import os
 from pathlib import Path
 
+from ..quant.options import add_compression_arguments, compression_config
+
 log = logging.getLogger("minicoder.server")
 
 
@@ -26,6 +28,7 @@ def configure_serve_parser(parser: argparse.ArgumentParser):
                         help="waiting-queue bound; beyond it requests get HTTP 429 (default 256)")
     parser.add_argument("--kv-cache-gb", type=float, default=2.0, help="memory for the KV cache (default 2 GB)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_compression_arguments(parser)
 
 
 def run_serve(args: argparse.Namespace):
@@ -44,7 +47,7 @@ def run_serve(args: argparse.Namespace):
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = EngineConfig(dtype=args.dtype, backend=args.backend, max_model_len=args.max_model_len,
                           max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting,
-                          kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)))
+                          kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)), **compression_config(args))
     engine = AsyncEngine.from_pretrained(args.model, config)
     name = args.served_model_name or Path(args.model).resolve().name
     app = create_app(engine, ServerSettings(model_name=name, api_key=args.api_key))
