@@ -201,6 +201,16 @@ class PagedLlamaRunner:
     def release(self, request_id: str):
         """Nothing to do: the block tables say where everything is."""
 
+    def weight_bytes(self) -> int:
+        """Bytes of the weights a step reads (fused and packed as they are held; each tensor once)."""
+        tensors = [self.lm_head, self.final_norm] + ([self.embed] if self.embed is not None else [])
+        for w in self.layers:
+            tensors += [w.input_norm, w.post_norm]
+            for m in (w.qkv, w.o, w.gate_up, w.down):
+                parts = m.linears if isinstance(m, _Concat) else [m]
+                tensors += [t for p in parts for t in ([p] if isinstance(p, torch.Tensor) else p.buffers())]
+        return sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in tensors}.values())
+
     @torch.inference_mode()
     def forward(self, chunks: list[SequenceChunk]) -> torch.Tensor:
         """Logits (one row per chunk that wants them, in chunk order) after writing every chunk's K/V."""

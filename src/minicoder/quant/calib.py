@@ -17,8 +17,10 @@ from ..errors import MinicoderError
 
 
 def default_source(model_dir: Path) -> Path:
-    settings = model_dir.resolve().parent / "settings.json"
-    data = json.loads(settings.read_text()).get("data") if settings.is_file() else None
+    """The packed data named by the run's settings.json (RUN/final/ or RUN/checkpoints/step-N/)."""
+    run = model_dir.resolve().parent
+    settings = next((d / "settings.json" for d in (run, run.parent) if (d / "settings.json").is_file()), None)
+    data = json.loads(settings.read_text()).get("data") if settings else None
     if not data or not Path(data).is_dir():
         raise MinicoderError(f"{model_dir}: no calibration data recorded with this model; pass --calib DIR "
                              "(a packed data directory or a corpus directory of the model's kind of code)")
