@@ -27,24 +27,6 @@ SECTION = "## Compression: decode speed"
 PAIRS = (("fp32", "f32"), ("int8", "q8_0"), ("int4", "q4_0"))
 
 
-def decode_minicoder(m, quantize: str | None, prompt_ids: list[int], n: int, repeats: int) -> sb.DecodeResult:
-    from minicoder.engine import Engine, EngineConfig, SamplingParams
-
-    engine = Engine(m.path, EngineConfig(dtype=torch.float32, max_num_seqs=1, quantize=quantize))
-    params = SamplingParams(max_new_tokens=n, ignore_eos=True)
-    list(engine.stream(prompt_ids, SamplingParams(max_new_tokens=8, ignore_eos=True)))  # warm-up
-    rates, tokens = [], []
-    for _ in range(repeats):
-        times, out = [], None
-        for out in engine.stream(prompt_ids, params):
-            times.append(time.perf_counter())
-        rates.append(sb._rate(times))
-        tokens = out.token_ids
-    result = sb.DecodeResult(f"minicoder {quantize or 'fp32'}", max(rates), tokens)
-    result.weight_bytes = engine.runner.weight_bytes()
-    return result
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="demo,200M")
@@ -72,7 +54,7 @@ def main() -> None:
     for m in sb.prepare_models(args):
         prompt_ids = AutoTokenizer.from_pretrained(m.path)(sb.prompt_text(0))["input_ids"]
         for ours, theirs in PAIRS:
-            mine = decode_minicoder(m, None if ours == "fp32" else ours, prompt_ids, m.new_tokens, args.repeats)
+            mine = sb.decode_minicoder(m, prompt_ids, m.new_tokens, args.repeats, None if ours == "fp32" else ours)
             llama = sb.decode_llama_cpp(m, theirs, prompt_ids, m.new_tokens, args.repeats, args.threads)
             lines.append(f"| {m.name} | {ours} | {mine.tok_s:.1f} | {mine.weight_bytes / 1e6:.1f} | {theirs} | "
                          f"{llama.tok_s:.1f} | **{mine.tok_s / llama.tok_s:.2f}x** |")
