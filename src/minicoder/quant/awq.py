@@ -55,11 +55,13 @@ def _sample_rows(x: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
     return x[torch.randperm(x.shape[0], generator=g)[:n]]
 
 
-def output_error(x: torch.Tensor, weights: list[torch.Tensor], scales: torch.Tensor | None, group_size: int) -> float:
-    """Mean squared error of x @ W^T when each W is int4-quantized after scaling its input channels by `scales`."""
+def output_error(x: torch.Tensor, weights: list[torch.Tensor], scales: torch.Tensor | None, group_size: int,
+                 refs: list[torch.Tensor] | None = None) -> float:
+    """Mean squared error of x @ W^T when each W is int4-quantized after scaling its input channels by `scales`
+    (`refs`: the float outputs, when the caller has them already)."""
     total, count = 0.0, 0
-    for w in weights:
-        ref = x @ w.t()
+    for i, w in enumerate(weights):
+        ref = refs[i] if refs is not None else x @ w.t()
         if scales is None:
             q = fake_quantize_int4(w, group_size)
         else:
@@ -79,13 +81,14 @@ def search_scales(x: torch.Tensor, weights: list[torch.Tensor], group_size: int,
     w_mean = (w.abs().view(n, k // group_size, group_size) / w.abs().view(n, k // group_size, group_size)
               .amax(-1, keepdim=True).clamp(min=1e-8)).view(n, k).mean(0)
     ws = [wi.float() for wi in weights]
-    rtn = best = output_error(x, ws, None, group_size)
+    refs = [x @ wi.t() for wi in ws]
+    rtn = best = output_error(x, ws, None, group_size, refs)
     best_scales, best_ratio = None, None
     for i in range(n_grid):
         ratio = i / n_grid
         s = (x_mean.pow(ratio) / w_mean.pow(1 - ratio).clamp(min=1e-4)).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        err = output_error(x, ws, s, group_size)
+        err = output_error(x, ws, s, group_size, refs)
         if err < best:
             best, best_scales, best_ratio = err, s, ratio
     return best_scales, best_ratio, rtn, best

@@ -67,6 +67,7 @@ def _check_args(args, model) -> set[str]:
 
 def run(args: argparse.Namespace) -> None:
     import torch
+    from tqdm import tqdm
 
     from ..data.io import atomic_output_dir
     from ..model import LlamaForCausalLM
@@ -106,7 +107,9 @@ def run(args: argparse.Namespace) -> None:
         weights, groups = result.weights, result.groups
     else:
         quantize = (lambda w: quantize_int4(w, args.group_size)) if args.bits == 4 else quantize_int8
-        weights = {n: quantize(model.get_submodule(n).weight.detach()) for n in linear_names(model) if n not in skipped}
+        names = [n for n in linear_names(model) if n not in skipped]
+        weights = {n: quantize(model.get_submodule(n).weight.detach())
+                   for n in tqdm(names, desc=f"rtn int{args.bits}", unit="linear", disable=args.quiet)}
 
     summary = {"method": args.method, "bits": args.bits, "group_size": args.group_size if args.bits == 4 else None,
                "source_model": str(args.model.resolve()), "skipped": sorted(skipped),

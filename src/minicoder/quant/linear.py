@@ -9,8 +9,9 @@ Both kernels take fp32, bf16 or fp16 activations; the kernel picks AVX-512 / AVX
 that read the same input (q/k/v, gate/up) are fused into one kernel call by `fuse`, the way the float runner
 fuses its matrices; the original layers then become slices of the fused one, so no weight is held twice.
 
-Why these kernels and not torchao: torchao's CPU int4/int8 weight-only paths call the same two ATen ops
-(`Int4CPULayout`, `int8_weight_only`), so it would add a dependency and no speed.
+Why these kernels and not torchao: torchao's CPU int4 weight-only layout (`Int4CPULayout`) wraps this same ATen
+int4 kernel, so it would add a dependency for the same code path; its int8 path was not compared (timings on
+this shared machine mean nothing; benchmarks/quant_speed.py measures ours against llama.cpp).
 """
 
 from __future__ import annotations
