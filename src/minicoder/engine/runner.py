@@ -72,6 +72,8 @@ def _matrix(*linears: nn.Module):
     if not any(isinstance(lin, QuantLinear) for lin in linears):
         return input_major(*linears)
     if len(linears) == 1:
+        if hasattr(linears[0], "pack"):
+            linears[0].pack()  # the runner only multiplies: drop the int4 layer's portable codes
         return linears[0]
     return fuse(list(linears)) or _Concat(linears)
 
