@@ -27,6 +27,27 @@ SECTION = "## Compression: decode speed"
 PAIRS = (("fp32", "f32"), ("int8", "q8_0"), ("int4", "q4_0"))
 
 
+def llama_cpp_decode(m, qtype: str, prompt_ids, n: int, repeats: int, threads: int, repack: bool):
+    """serve_bench's llama.cpp decode; `repack=False` loads without CPU weight repacking, which segfaults on
+    quantized tensors with llama-cpp-python 0.3.36 on an AVX-512/AMX machine (it is llama.cpp's fastest path
+    where it works, so a ratio measured without it flatters minicoder: the table says which was used)."""
+    import llama_cpp
+
+    default_params = llama_cpp.llama_cpp.llama_model_default_params
+
+    def without_repacking():
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+
+    if not repack:
+        llama_cpp.llama_cpp.llama_model_default_params = without_repacking
+    try:
+        return sb.decode_llama_cpp(m, qtype, prompt_ids, n, repeats, threads)
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = default_params
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="demo,200M")
@@ -36,6 +57,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=sb.ROOT / "docs" / "benchmarks.md")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--llama-repack", action="store_true",
+                    help="let llama.cpp repack quantized weights (its fastest CPU path; crashes on some CPUs)")
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
@@ -48,14 +71,16 @@ def main() -> None:
     vers = sb.versions()
     lines = [SECTION, "", f"`benchmarks/quant_speed.py` on {started}, {sb.cpu_name()} ({vers['minicoder']}, torch {vers['torch']}, "
              f"llama-cpp-python {vers['llama-cpp-python']}); "
-             f"{args.threads} threads each, greedy, batch 1, fixed output length, best of {args.repeats}.", "",
+             f"{args.threads} threads each, greedy, batch 1, fixed output length, best of {args.repeats}; llama.cpp "
+             f"q8_0/q4_0 {'with' if args.llama_repack else 'without'} weight repacking.", "",
              "| model | minicoder format | tok/s | weights read (MB) | llama.cpp type | tok/s | ratio |",
              "| --- | --- | ---: | ---: | --- | ---: | ---: |"]
     for m in sb.prepare_models(args):
         prompt_ids = AutoTokenizer.from_pretrained(m.path)(sb.prompt_text(0))["input_ids"]
         for ours, theirs in PAIRS:
             mine = sb.decode_minicoder(m, prompt_ids, m.new_tokens, args.repeats, None if ours == "fp32" else ours)
-            llama = sb.decode_llama_cpp(m, theirs, prompt_ids, m.new_tokens, args.repeats, args.threads)
+            llama = llama_cpp_decode(m, theirs, prompt_ids, m.new_tokens, args.repeats, args.threads,
+                                     args.llama_repack or theirs == "f32")
             lines.append(f"| {m.name} | {ours} | {mine.tok_s:.1f} | {mine.weight_bytes / 1e6:.1f} | {theirs} | "
                          f"{llama.tok_s:.1f} | **{mine.tok_s / llama.tok_s:.2f}x** |")
             print(lines[-1], flush=True)
