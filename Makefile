@@ -12,10 +12,15 @@ DEMO_SFT_STEPS ?= 200
 
 export TOKENIZERS_PARALLELISM ?= true
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
+# llama-cpp-python (dev extra) compiles llama.cpp: two jobs, and without the multimodal library nothing here uses
+export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
+export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
 .PHONY: install browser demo test test-slow test-soak bench screenshots clean
 
 $(BIN)/.installed: pyproject.toml
+	command -v cmake >/dev/null && command -v g++ >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake g++; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'

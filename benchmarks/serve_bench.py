@@ -321,8 +321,9 @@ def _rate(times: list[float]) -> float:
     return (len(times) - 1) / (times[-1] - times[0])
 
 
-def decode_minicoder(m: BenchModel, prompt_ids: list[int], n: int, repeats: int) -> DecodeResult:
-    engine = Engine(m.path, EngineConfig(dtype=torch.float32, max_num_seqs=1))
+def decode_minicoder(m: BenchModel, prompt_ids: list[int], n: int, repeats: int, quantize: str | None = None
+                     ) -> DecodeResult:
+    engine = Engine(m.path, EngineConfig(dtype=torch.float32, max_num_seqs=1, quantize=quantize))
     params = SamplingParams(max_new_tokens=n, ignore_eos=True)
     list(engine.stream(prompt_ids, SamplingParams(max_new_tokens=8, ignore_eos=True)))  # warm-up
     rates, tokens = [], []
@@ -332,7 +333,9 @@ def decode_minicoder(m: BenchModel, prompt_ids: list[int], n: int, repeats: int)
             times.append(time.perf_counter())
         rates.append(_rate(times))
         tokens = out.token_ids
-    return DecodeResult("minicoder Engine (fp32)", max(rates), tokens)
+    result = DecodeResult(f"minicoder Engine ({quantize or 'fp32'})", max(rates), tokens)
+    result.weight_bytes = engine.runner.weight_bytes()
+    return result
 
 
 class _TimingStreamer:

@@ -1,5 +1,6 @@
-"""GGUF export: metadata, tokenizer, tensor layout read back with gguf's reader; and (slow, needs llama-cpp-python)
-llama.cpp's greedy tokens and tokenization equal minicoder's."""
+"""GGUF export: metadata, tokenizer, tensor layout read back with gguf's reader; quantized types and quantized
+models; and llama.cpp itself (llama-cpp-python, installed by `make install`): its tokenization and greedy
+tokens equal minicoder's, and it runs every quantized type and an AWQ model exported with its scales folded."""
 
 from __future__ import annotations
 
@@ -182,6 +183,57 @@ def test_reduced_types_stay_close(tied_dir, tmp_path, qtype, file_type, toleranc
         np.testing.assert_allclose(restored, original, rtol=tolerance, atol=1e-6)
 
 
+def test_q4_0_blocks_stay_within_half_a_step(tied_dir, tmp_path):
+    export_gguf(tied_dir, tmp_path / "m.gguf", type="q4_0")
+    meta, tensors = read(tmp_path / "m.gguf")
+    assert meta["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q4_0
+    stored = tensors["blk.1.ffn_up.weight"]
+    assert stored.tensor_type == gguf.GGMLQuantizationType.Q4_0
+    original, restored = hf_weights(tied_dir)["model.layers.1.mlp.up_proj.weight"], as_float(stored)
+    # blocks of 32, d = (the value of largest magnitude) / -8: half a step of error, a whole one where the
+    # other sign's extreme is clipped to code 15
+    step = np.abs(original.reshape(-1, 32)).max(axis=1, keepdims=True) / 8
+    error = np.abs(restored - original).reshape(-1, 32) / step
+    assert error.max() <= 1.01 and np.median(error) < 0.3
+    q8 = export_gguf(tied_dir, tmp_path / "q8.gguf", type="q8_0")["bytes"]
+    assert (tmp_path / "m.gguf").stat().st_size < 0.75 * q8
+
+
+def quantize_dir(model_dir: Path, out: Path, *args: str) -> Path:
+    from minicoder.cli import main
+
+    assert main(["quantize", str(model_dir), *args, "--group-size", "32", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def calib_corpus(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("calib")
+    (out / "docs").mkdir()
+    (out / "meta.json").write_text("{}")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    rows = [json.dumps({"text": p.read_text(encoding="utf-8", errors="replace")[:4000]}) for p in sorted(stdlib.glob("*.py"))[30:50]]
+    (out / "docs" / "shard-00000.jsonl").write_text("\n".join(rows) + "\n")
+    return out
+
+
+@pytest.fixture(scope="module")
+def awq_dir(tied_dir, calib_corpus, tmp_path_factory) -> Path:
+    return quantize_dir(tied_dir, tmp_path_factory.mktemp("awq") / "awq", "--method", "awq", "--bits", "4",
+                        "--calib", str(calib_corpus), "--calib-samples", "8", "--calib-seqlen", "64")
+
+
+def test_quantized_model_exports_its_dequantized_weights(awq_dir, tmp_path):
+    export_gguf(awq_dir, tmp_path / "m.gguf", type="f32")
+    _, tensors = read(tmp_path / "m.gguf")
+    model = LlamaForCausalLM.from_pretrained(awq_dir)
+    up = model.model.layers[0].mlp.up_proj
+    np.testing.assert_array_equal(as_float(tensors["blk.0.ffn_up.weight"]), up.dequantize().numpy())
+    # AWQ's scales live in the norms now: the exported norm is the AWQ model's, not the original's
+    np.testing.assert_array_equal(as_float(tensors["blk.0.ffn_norm.weight"]),
+                                  model.model.layers[0].post_attention_layernorm.weight.detach().numpy())
+
+
 def test_q8_0_is_about_half_of_f16(tied_dir, tmp_path):
     f16 = export_gguf(tied_dir, tmp_path / "a.gguf", type="f16")["bytes"]
     q8 = export_gguf(tied_dir, tmp_path / "b.gguf", type="q8_0")["bytes"]
@@ -237,10 +289,10 @@ def test_cli_entry_points(tied_dir, tmp_path, capsys):
     assert "20 tensors, q8_0, vocab 416" in capsys.readouterr().out
     assert read(tmp_path / "m.gguf")[0]["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
     with pytest.raises(SystemExit):
-        parser.parse_args([str(tied_dir), "--out", "x.gguf", "--type", "q4_0"])
+        parser.parse_args([str(tied_dir), "--out", "x.gguf", "--type", "q3_k"])
 
 
-# --- llama.cpp itself (slow: llama-cpp-python compiles llama.cpp) ----------------------------------
+# --- llama.cpp itself -------------------------------------------------------------------------------
 
 PROMPTS = ["def fibonacci(n):", "import os\nclass ", "    for i in range(", CODE[:150]]
 NEAR_TIE = 0.05  # logits this close may swap order under llama.cpp's f16 weights and f16 KV cache (max error seen: 0.016)
@@ -270,7 +322,6 @@ def top2_gap(model: LlamaForCausalLM, ids: list[int]) -> float:
     return best - second
 
 
-@pytest.mark.slow
 def test_llama_cpp_tokenizes_like_minicoder(tied_dir, llama_f16):
     tok = Tokenizer(tied_dir)
     for text in [CODE, *PROMPTS, "x  =\t[1,2]  # émoji 🙂\n\n\n  'don't' 3.14159 ___init___ <｜fim▁hole｜>"]:
@@ -279,7 +330,6 @@ def test_llama_cpp_tokenizes_like_minicoder(tied_dir, llama_f16):
     assert llama_f16.detokenize(tok.encode(CODE)).decode() == CODE
 
 
-@pytest.mark.slow
 def test_llama_cpp_greedy_equals_minicoder(tied_dir, llama_f16):
     """Greedy tokens are equal; a prompt may part ways only where minicoder's own top-2 logits nearly tie."""
     tok, gen, model = Tokenizer(tied_dir), Generator(tied_dir), LlamaForCausalLM.from_pretrained(tied_dir)
@@ -298,3 +348,60 @@ def test_llama_cpp_greedy_equals_minicoder(tied_dir, llama_f16):
         distinct |= set(ours)
     assert exact >= len(PROMPTS) - 1
     assert len(distinct) > 10  # the model is not degenerate: the comparison means something
+
+
+def llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
+    """llama.cpp's next-token logits after `ids` (read from the context: `Llama.scores` keeps them only with
+    logits_all, which this llama.cpp no longer supports)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    # llama.cpp 0.3.36's CPU weight repacking (extra buffer types) segfaults on quantized tensors on this
+    # AVX-512/AMX machine; loading without it runs the plain q8_0/q4_0/k-quant kernels.
+    default_params = llama_cpp.llama_cpp.llama_model_default_params
+
+    def without_repacking():
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama_cpp.llama_model_default_params = without_repacking
+    try:
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, verbose=False)
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = default_params
+    llm.eval(ids)
+    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
+    llm.close()
+    return logits
+
+
+def minicoder_logits(model_dir: Path, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return LlamaForCausalLM.from_pretrained(model_dir)(torch.tensor([ids]))[0, -1].numpy()
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+# this model's weights are large and outlier-free, int4's worst case (measured: q4_0 0.951, AWQ -> q4_0 0.956)
+@pytest.mark.parametrize("qtype, min_cosine", [("q8_0", 0.999), ("q4_0", 0.93), ("q4_k_m", 0.93)])
+def test_llama_cpp_runs_each_quantized_type(tied_dir, tmp_path, qtype, min_cosine):
+    pytest.importorskip("llama_cpp")
+    summary = export_gguf(tied_dir, tmp_path / "m.gguf", type=qtype)
+    assert summary["type"] == qtype and not list(tmp_path.glob(".*"))  # no temporary file left behind
+    ids = Tokenizer(tied_dir).encode(CODE[:200], bos=True)
+    theirs, ours = llama_cpp_logits(tmp_path / "m.gguf", ids), minicoder_logits(tied_dir, ids)
+    assert cosine(theirs, ours) > min_cosine
+    if qtype == "q4_k_m":  # llama.cpp's own quantizer wrote it
+        assert read(tmp_path / "m.gguf")[0]["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q4_K_M
+
+
+def test_llama_cpp_runs_an_awq_model_with_its_scales_folded(awq_dir, tmp_path):
+    """The AWQ checkpoint in an external engine: llama.cpp computes what minicoder's AWQ model computes."""
+    pytest.importorskip("llama_cpp")
+    export_gguf(awq_dir, tmp_path / "awq.gguf", type="f32")
+    ids = Tokenizer(awq_dir).encode(CODE[:200], bos=True)
+    theirs, ours = llama_cpp_logits(tmp_path / "awq.gguf", ids), minicoder_logits(awq_dir, ids)
+    assert cosine(theirs, ours) > 0.9999 and int(theirs.argmax()) == int(ours.argmax())
+    export_gguf(awq_dir, tmp_path / "awq_q4.gguf", type="q4_0")
+    assert cosine(llama_cpp_logits(tmp_path / "awq_q4.gguf", ids), ours) > 0.93

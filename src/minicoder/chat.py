@@ -187,6 +187,9 @@ def configure_parser(parser: argparse.ArgumentParser):
     parser.add_argument("--system", help="a system message for chat mode")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--backend", default="auto", choices=["auto", "native", "transformers"])
+    from .quant.options import add_compression_arguments
+
+    add_compression_arguments(parser)
 
 
 def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
@@ -202,7 +205,10 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | 
                        top_k=options.top_k, repetition_penalty=options.repetition_penalty).validate()
     except ValueError as e:
         raise MinicoderError(str(e).replace("max_new_tokens", "--max-new-tokens")) from None
-    engine = Engine(args.model, EngineConfig(dtype=args.dtype, backend=args.backend, max_num_seqs=1))
+    from .quant.options import compression_config
+
+    engine = Engine(args.model, EngineConfig(dtype=args.dtype, backend=args.backend, max_num_seqs=1,
+                                             **compression_config(args)))
     options.mode, why = pick_mode(Path(args.model), engine.tokenizer, args.mode)
     if options.system and options.mode == "raw":
         raise MinicoderError("--system needs chat mode (--mode chat)")

@@ -6,6 +6,7 @@
   minicoder pretrain --config FILE --data DIR --out DIR          train (torchrun for several processes)
   minicoder generate MODEL --prompt TEXT [--suffix TEXT]         completion / fill-in-the-middle
   minicoder agent MODEL|--endpoint URL "question" [--tools ...]   CodeAct agent, code runs in the sandbox
+  minicoder quantize MODEL --method awq --bits 4 --out DIR       AWQ / RTN int4, int8 weights
 
 Errors the user can fix print as one `error:` line (exit status 2), never a traceback.
 """
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 from .errors import MinicoderError
+from .quant.options import add_compression_arguments
 
 
 def cmd_corpus(args):
@@ -122,7 +124,10 @@ def cmd_generate(args):
         raise MinicoderError(str(e)) from None
     if args.chat and args.suffix is not None:
         raise MinicoderError("--chat and --suffix cannot be combined")
-    gen = Generator(args.model)
+    from .engine.engine import EngineConfig
+    from .quant.options import compression_config
+
+    gen = Generator(args.model, EngineConfig(max_num_seqs=1, **compression_config(args)))
     try:
         if args.chat:
             text = gen.chat([{"role": "user", "content": args.prompt}], params)
@@ -153,9 +158,13 @@ def cmd_agent(args):
 
 def cmd_eval(args):
     from .eval.report import describe_model, write_report
+    from .quant.options import compression_config
 
     out = Path(args.out)
     model_info = describe_model(getattr(args, "model", None), getattr(args, "endpoint", None))
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in compression_config(args).items() if v not in (None, "auto"))
+    if flags and model_info["model"]:  # the results table says how the model was compressed
+        model_info["model"] = f"{model_info['model']} {flags}"
     if args.eval_command == "humaneval":
         from .eval.completers import make_completer
         from .eval.humaneval import generate_samples, score_samples
@@ -171,10 +180,10 @@ def cmd_eval(args):
         elif args.protocol == "standard":
             from .eval.protocol import run_settings, standard_settings
 
-            completer = make_completer(args.model, args.endpoint, seed=args.seed)
+            completer = make_completer(args.model, args.endpoint, seed=args.seed, compression=compression_config(args))
             scores = run_settings(completer, out, standard_settings(args.n_samples or 20), args.limit)
         else:
-            completer = make_completer(args.model, args.endpoint, seed=args.seed)
+            completer = make_completer(args.model, args.endpoint, seed=args.seed, compression=compression_config(args))
             samples = generate_samples(completer, out / "samples.jsonl", args.n_samples or 1, args.temperature or 0.0,
                                        args.limit)
             scores = score_samples(samples, ks=(1, 10, 100))
@@ -187,14 +196,16 @@ def cmd_eval(args):
         from .eval.humaneval import write_jsonl
         from .eval.infill import run_infill
 
-        scores, rows = run_infill(make_completer(args.model, args.endpoint), limit=args.limit)
+        scores, rows = run_infill(make_completer(args.model, args.endpoint, compression=compression_config(args)),
+                                  limit=args.limit)
         out.mkdir(parents=True, exist_ok=True)
         write_jsonl(out / "infill_results.jsonl", rows)
         print(f"single-line infilling: {scores['tasks']} lines, exact match {scores['exact_match']:.4f}, pass@1 {scores['pass@1']:.4f}")
     else:
         from .eval.loss import heldout_loss
 
-        scores = heldout_loss(args.model, args.data, seq_len=args.seq_len, max_windows=args.max_windows)
+        scores = heldout_loss(args.model, args.data, seq_len=args.seq_len, max_windows=args.max_windows,
+                              **compression_config(args))
         print(f"held-out loss {scores['loss']:.4f} nats/token, {scores['bits_per_byte']:.4f} bits/byte "
               f"({scores['windows']} windows of {scores['seq_len']} tokens)")
     summary = write_report(args.eval_command, scores, model_info, out, args.results_md)
@@ -288,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int)
+    add_compression_arguments(g)
     g.set_defaults(func=cmd_generate)
     ex = sub.add_parser("export", help="export a model to other formats").add_subparsers(dest="export_command", required=True)
     from .export import gguf
@@ -295,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     xg = ex.add_parser("gguf", help="GGUF for llama.cpp / Ollama: weights, tokenizer (with FIM tokens), chat template")
     gguf.configure_parser(xg)
     xg.set_defaults(func=gguf.run)
+
+    from .quant import cli as quant_cli
+
+    qz = sub.add_parser("quantize", help="AWQ / round-to-nearest int4 or int8 weights -> a quantized model directory")
+    quant_cli.configure_parser(qz)
+    qz.set_defaults(func=quant_cli.run)
 
     from .chat import configure_parser as configure_chat
     from .server.cli import configure_serve_parser
@@ -341,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
             e.add_argument("--seed", type=int, default=0)
         e.add_argument("--out", default="runs/eval", help="where samples, results and the summary go")
         e.add_argument("--results-md", help="also append a row to this Markdown results table (e.g. docs/results.md)")
+        add_compression_arguments(e)
         e.set_defaults(func=cmd_eval)
 
     from . import recipe

@@ -171,6 +171,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.n_kv * self.hd, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.hd, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.hd, config.hidden_size, bias=False)
+        self.kv_cache_dtype = "auto"  # int8/int4: keys and values pass the serving cache's quantization
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, start: int = 0):
         B, T, _ = x.shape
@@ -178,6 +179,10 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_cache_dtype != "auto":
+            from .quant.kv import round_trip
+
+            k, v = round_trip(k, self.kv_cache_dtype), round_trip(v, self.kv_cache_dtype)
         if cache is not None:
             k, v = cache.write(self.layer_idx, start, k, v)
         S = k.shape[2]
@@ -259,9 +264,22 @@ class LlamaForCausalLM(nn.Module):
             h = h[:, -1:]
         return self.lm_head(h)
 
+    def set_kv_cache_dtype(self, kv_cache_dtype: str) -> None:
+        """Compute attention on keys/values as an int8/int4 KV cache would hold them ("auto": as computed)."""
+        from .quant.kv import check_kv_cache_dtype
+
+        check_kv_cache_dtype(kv_cache_dtype, self.config.head_dim)
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache_dtype = kv_cache_dtype
+
     # --- Hugging Face model directory ---------------------------------------------------------
     def save_pretrained(self, out_dir: str | Path, dtype: torch.dtype = torch.float32):
         from safetensors.torch import save_file
+
+        from .quant.apply import is_quantized
+
+        if is_quantized(self):
+            raise MinicoderError("a quantized model is saved by `minicoder quantize`, not save_pretrained")
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -310,8 +328,14 @@ class LlamaForCausalLM(nn.Module):
             state.pop("lm_head.weight", None)
         with torch.device("meta"):
             model = cls(config)
+        quantized = set()
+        if hf.get("quantization_config"):  # AWQ int4 / minicoder int8 layers instead of nn.Linear
+            from .quant.checkpoint import load_quantized_weights, read_quantization_config
+
+            load_quantized_weights(model, state, *read_quantization_config(hf, cfg_file), dtype=dtype)
+            quantized = {k for k, _ in model.named_buffers()}
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-        missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]
+        missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight") and m not in quantized]
         unexpected = [u for u in unexpected if "rotary_emb" not in u]
         if missing or unexpected:
             raise MinicoderError(f"{path}: weights do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")

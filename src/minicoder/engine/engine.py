@@ -57,6 +57,8 @@ class EngineConfig:
     max_waiting: int = 256  # bound of the waiting queue: beyond it submit raises QueueFull
     enable_prefix_caching: bool = True
     max_model_len: int | None = None  # default: the model's max_position_embeddings
+    quantize: str | None = None  # "int8" / "int4": round-to-nearest weights at load time (native backend)
+    kv_cache_dtype: str = "auto"  # "int8" / "int4": quantized KV cache, 2x / 4x the tokens per byte of 16-bit
 
 
 @dataclass
@@ -68,6 +70,9 @@ class EngineStats:
     preemptions: int
     generated_tokens: int
     prefix_cache: PrefixCacheStats = field(default_factory=PrefixCacheStats)
+    kv_cache_dtype: str = "auto"
+    kv_cache_bytes_per_token: int = 0
+    block_size: int = 16
 
 
 class Engine:
@@ -78,6 +83,7 @@ class Engine:
         self.prompts = PromptBuilder(self.tokenizer)
         loaded = _load_model(self.model_path, config)
         self.backend, self.runner, self.vocab_size = loaded.backend, loaded.runner, loaded.vocab_size
+        self.kv_bytes_per_token = loaded.kv_bytes_per_token
         self.max_model_len = loaded.max_model_len
         self.eos_token_ids = _eos_token_ids(self.model_path, self.tokenizer)
         prefix_caching = config.enable_prefix_caching and self.backend == "native"
@@ -265,7 +271,8 @@ class Engine:
         return EngineStats(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
                            free_blocks=self.kv.num_free_blocks, total_blocks=len(self.kv.blocks),
                            preemptions=self.scheduler.num_preemptions, generated_tokens=self.generated_tokens,
-                           prefix_cache=self.kv.stats)
+                           prefix_cache=self.kv.stats, kv_cache_dtype=self.config.kv_cache_dtype,
+                           kv_cache_bytes_per_token=self.kv_bytes_per_token, block_size=self.kv.block_size)
 
     def _take_inbox(self) -> list[RequestOutput]:
         with self._lock:
@@ -317,6 +324,7 @@ class _LoadedModel:
     max_model_len: int
     vocab_size: int
     num_blocks: int
+    kv_bytes_per_token: int = 0
 
 
 def _load_model(path: Path, config: EngineConfig) -> _LoadedModel:
@@ -331,22 +339,38 @@ def _load_model(path: Path, config: EngineConfig) -> _LoadedModel:
     max_len = min(config.max_model_len or 1 << 30, hf_config.get("max_position_embeddings", 4096))
     blocks_for_all = config.max_num_seqs * -(-max_len // config.block_size)
     native_error = None
+    compressed = config.quantize or config.kv_cache_dtype != "auto" or hf_config.get("quantization_config")
     if config.backend in ("auto", "native") and hf_config.get("model_type") in NATIVE_MODEL_TYPES:
         try:
             model = LlamaForCausalLM.from_pretrained(path, dtype=dtype)
         except UnsupportedModel as e:  # e.g. RoPE scaling: transformers runs it
             native_error = MinicoderError(str(e))
         else:
-            per_block = kv_bytes_per_token(model.config, dtype) * config.block_size
-            num_blocks = config.num_blocks or max(1, min(blocks_for_all, config.kv_cache_bytes // per_block))
-            runner = PagedLlamaRunner(model, num_blocks, config.block_size)
-            return _LoadedModel("native", runner, max_len, model.config.vocab_size, num_blocks)
+            compress_on_load(model, config)
+            per_token = kv_bytes_per_token(model.config, dtype, config.kv_cache_dtype)
+            num_blocks = config.num_blocks or max(1, min(blocks_for_all, config.kv_cache_bytes // (per_token * config.block_size)))
+            runner = PagedLlamaRunner(model, num_blocks, config.block_size, config.kv_cache_dtype)
+            return _LoadedModel("native", runner, max_len, model.config.vocab_size, num_blocks, per_token)
+    if compressed:  # quantized weights and KV cache exist in the native runner only
+        raise native_error or MinicoderError(f"{path}: quantization (--quantize, --kv-cache-dtype, quantized "
+                                             "checkpoints) needs the native backend (a Llama-family model)")
     if config.backend == "native":
         model_type = hf_config.get("model_type")
         raise native_error or MinicoderError(f"{path}: model_type {model_type!r} needs the transformers backend")
     model = load_transformers_model(path, dtype)
     return _LoadedModel("transformers", TransformersRunner(model), max_len, model.config.vocab_size,
                         config.num_blocks or blocks_for_all)
+
+
+def compress_on_load(model, config: EngineConfig) -> None:
+    """Apply `quantize` (round-to-nearest weights) and check `kv_cache_dtype` before the runner is built."""
+    from ..quant.kv import check_kv_cache_dtype
+
+    check_kv_cache_dtype(config.kv_cache_dtype, model.config.head_dim)
+    if config.quantize:
+        from ..quant.apply import quantize_model
+
+        quantize_model(model, config.quantize)
 
 
 def _eos_token_ids(path: Path, tokenizer) -> set[int]:

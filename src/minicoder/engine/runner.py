@@ -6,7 +6,13 @@ part: single-token chunks (decodes) gather their cached blocks into one padded b
 `scaled_dot_product_attention` call with a padding mask; each longer chunk attends on its own.
 
 The KV cache is, per layer, a tensor of shape (num_blocks, block_size, kv_heads, head_dim); token
-position p of a request lives in slot p % block_size of block block_table[p // block_size].
+position p of a request lives in slot p % block_size of block block_table[p // block_size]. With
+`kv_cache_dtype` int8/int4 it holds uint8 codes plus a (.., 2) float16 scale/zero tensor per layer
+(quant/kv.py): keys and values are quantized as they are written and every attention reads them back
+dequantized, the new tokens of a step included, so what is computed does not depend on what was cached.
+
+Quantized models (quant/linear.py layers instead of nn.Linear) run their fused q/k/v and gate/up on the
+packed int8/int4 kernels; the float path keeps its input-major matrices.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..model import LlamaForCausalLM, ModelConfig, rope_tables
+from ..quant import kv as kvq
+from ..quant.linear import QuantLinear, fuse
 
 
 @dataclass
@@ -31,8 +39,9 @@ class SequenceChunk:
     wants_logits: bool  # the last token's logits give the next token
 
 
-def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
+def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
+    return kvq.kv_bytes_per_token(config.num_hidden_layers, config.num_key_value_heads, config.head_dim, dtype,
+                                  kv_cache_dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -58,15 +67,44 @@ def input_major(*linears: nn.Linear) -> torch.Tensor:
     return fused
 
 
+def _matrix(*linears: nn.Module):
+    """An input-major float matrix for `x @ W`, or, for quantized layers, one fused quantized layer."""
+    if not any(isinstance(lin, QuantLinear) for lin in linears):
+        return input_major(*linears)
+    if len(linears) == 1:
+        if hasattr(linears[0], "pack"):
+            linears[0].pack()  # the runner only multiplies: drop the int4 layer's portable codes
+        return linears[0]
+    return fuse(list(linears)) or _Concat(linears)
+
+
+class _Concat:
+    """Layers of different formats (an int4 layer beside an int8 fallback) that read the same input."""
+
+    def __init__(self, linears):
+        self.linears = linears
+
+    def __call__(self, x):
+        return torch.cat([lin(x) for lin in self.linears], dim=-1)
+
+
+def _project(x: torch.Tensor, w) -> torch.Tensor:
+    return x @ w if isinstance(w, torch.Tensor) else w(x)
+
+
+def _add_projection(residual: torch.Tensor, x: torch.Tensor, w) -> torch.Tensor:
+    return torch.addmm(residual, x, w) if isinstance(w, torch.Tensor) else residual + w(x)
+
+
 class _LayerWeights:
     def __init__(self, layer):
         attn, mlp = layer.self_attn, layer.mlp
         self.input_norm = layer.input_layernorm.weight.detach()
-        self.qkv = input_major(attn.q_proj, attn.k_proj, attn.v_proj)
-        self.o = input_major(attn.o_proj)
+        self.qkv = _matrix(attn.q_proj, attn.k_proj, attn.v_proj)
+        self.o = _matrix(attn.o_proj)
         self.post_norm = layer.post_attention_layernorm.weight.detach()
-        self.gate_up = input_major(mlp.gate_proj, mlp.up_proj)
-        self.down = input_major(mlp.down_proj)
+        self.gate_up = _matrix(mlp.gate_proj, mlp.up_proj)
+        self.down = _matrix(mlp.down_proj)
 
 
 class _DecodeBatch:
@@ -96,10 +134,45 @@ class _PrefillChunk:
             self.mask = torch.ones(self.n, self.length, dtype=torch.bool).tril(diagonal=self.start)
 
 
+class _QuantizedKV:
+    """One layer's int8/int4 keys or values: codes (num_blocks, block_size, kv_heads, width) and scale/zero."""
+
+    def __init__(self, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, kv_cache_dtype: str):
+        self.kv_cache_dtype = kv_cache_dtype
+        self.codes = torch.zeros(num_blocks, block_size, kv_heads, kvq.code_width(head_dim, kv_cache_dtype),
+                                 dtype=torch.uint8)
+        self.meta = torch.zeros(num_blocks, block_size, kv_heads, 2, dtype=torch.float16)
+
+    def write(self, slots: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Store x (tokens, kv_heads, head_dim) at `slots`; returns x as it will be read back."""
+        codes, meta = kvq.quantize(x, self.kv_cache_dtype)
+        self.codes.view(-1, *codes.shape[1:]).index_copy_(0, slots, codes)
+        self.meta.view(-1, *meta.shape[1:]).index_copy_(0, slots, meta)
+        return kvq.dequantize(codes, meta, self.kv_cache_dtype, x.dtype)
+
+    def gather(self, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The blocks' tokens dequantized: (len(blocks), block_size, kv_heads, head_dim)."""
+        return kvq.dequantize(self.codes.index_select(0, blocks), self.meta.index_select(0, blocks),
+                              self.kv_cache_dtype, dtype)
+
+
+class _FloatKV:
+    def __init__(self, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype):
+        self.data = torch.zeros(num_blocks, block_size, kv_heads, head_dim, dtype=dtype)
+
+    def write(self, slots: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        self.data.view(-1, *x.shape[1:]).index_copy_(0, slots, x)
+        return x
+
+    def gather(self, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.data.index_select(0, blocks)
+
+
 class PagedLlamaRunner:
-    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int):
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, kv_cache_dtype: str = "auto"):
         cfg = model.config
         self.config, self.block_size = cfg, block_size
+        self.kv_cache_dtype = kv_cache_dtype
         self.dtype = model.lm_head.weight.dtype
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.gqa = self.n_heads != self.n_kv
@@ -113,9 +186,14 @@ class PagedLlamaRunner:
             self.embed = None
         else:
             self.embed = model.model.embed_tokens.weight.detach()
-        shape = (num_blocks, block_size, self.n_kv, self.head_dim)
-        self.k_cache = [torch.zeros(shape, dtype=self.dtype) for _ in self.layers]
-        self.v_cache = [torch.zeros(shape, dtype=self.dtype) for _ in self.layers]
+        if kv_cache_dtype == "auto":
+            def make_cache():
+                return _FloatKV(num_blocks, block_size, self.n_kv, self.head_dim, self.dtype)
+        else:
+            def make_cache():
+                return _QuantizedKV(num_blocks, block_size, self.n_kv, self.head_dim, kv_cache_dtype)
+        self.k_cache = [make_cache() for _ in self.layers]
+        self.v_cache = [make_cache() for _ in self.layers]
         # RoPE as x * cos + roll(x, half) * sin_signed: rotate_half(x) = roll(x, half) with the first half negated.
         cos, sin = rope_tables(cfg, torch.arange(cfg.max_position_embeddings))
         half = self.head_dim // 2
@@ -124,6 +202,16 @@ class PagedLlamaRunner:
 
     def release(self, request_id: str):
         """Nothing to do: the block tables say where everything is."""
+
+    def weight_bytes(self) -> int:
+        """Bytes of the weights a step reads (fused and packed as they are held; each tensor once)."""
+        tensors = [self.lm_head, self.final_norm] + ([self.embed] if self.embed is not None else [])
+        for w in self.layers:
+            tensors += [w.input_norm, w.post_norm]
+            for m in (w.qkv, w.o, w.gate_up, w.down):
+                parts = m.linears if isinstance(m, _Concat) else [m]
+                tensors += [t for p in parts for t in ([p] if isinstance(p, torch.Tensor) else p.buffers())]
+        return sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in tensors}.values())
 
     @torch.inference_mode()
     def forward(self, chunks: list[SequenceChunk]) -> torch.Tensor:
@@ -157,19 +245,18 @@ class PagedLlamaRunner:
         x = self.lm_head.index_select(1, ids).t() if self.embed is None else F.embedding(ids, self.embed)
         for k_cache, v_cache, w in zip(self.k_cache, self.v_cache, self.layers):
             h = rms_norm(x, w.input_norm, cfg.rms_norm_eps)
-            qkv = h @ w.qkv
+            qkv = _project(h, w.qkv)
             qk = qkv[:, :qk_width].view(T, H + KV, hd)
             qk = torch.addcmul(qk * cos, qk.roll(half, dims=-1), sin)  # RoPE on queries and keys at once
             q, k = qk[:, :H], qk[:, H:]
             v = qkv[:, qk_width:].view(T, KV, hd)
-            k_cache.view(-1, KV, hd).index_copy_(0, slots, k)
-            v_cache.view(-1, KV, hd).index_copy_(0, slots, v)
+            k, v = k_cache.write(slots, k), v_cache.write(slots, v)
             attn = self._attention(q, k, v, k_cache, v_cache, decode, prefills)
-            x = torch.addmm(x, attn, w.o)
+            x = _add_projection(x, attn, w.o)
             h = rms_norm(x, w.post_norm, cfg.rms_norm_eps)
-            gate_up = h @ w.gate_up
+            gate_up = _project(h, w.gate_up)
             gate, up = gate_up.chunk(2, dim=-1)
-            x = torch.addmm(x, F.silu(gate) * up, w.down)
+            x = _add_projection(x, F.silu(gate) * up, w.down)
         rows = [last_row[i] for i, c in enumerate(chunks) if c.wants_logits]
         if len(rows) < T:
             x = x[rows]
@@ -179,8 +266,8 @@ class PagedLlamaRunner:
         T, H, hd, KV = q.shape[0], self.n_heads, self.head_dim, self.n_kv
         if decode is not None:
             B, L = decode.size, decode.max_len
-            keys = k_cache.index_select(0, decode.blocks).view(B, -1, KV, hd)[:, :L].transpose(1, 2)
-            values = v_cache.index_select(0, decode.blocks).view(B, -1, KV, hd)[:, :L].transpose(1, 2)
+            keys = k_cache.gather(decode.blocks, q.dtype).view(B, -1, KV, hd)[:, :L].transpose(1, 2)
+            values = v_cache.gather(decode.blocks, q.dtype).view(B, -1, KV, hd)[:, :L].transpose(1, 2)
             o = F.scaled_dot_product_attention(q[:B].unsqueeze(2), keys, values, attn_mask=decode.mask,
                                                enable_gqa=self.gqa)
             if B == T:  # a pure decode step
@@ -194,8 +281,8 @@ class PagedLlamaRunner:
             if p.start == 0:  # nothing cached before it: plain causal attention on its own keys
                 keys, values, mask = k[rows], v[rows], None
             else:
-                keys = k_cache.index_select(0, p.blocks).view(-1, KV, hd)[: p.length]
-                values = v_cache.index_select(0, p.blocks).view(-1, KV, hd)[: p.length]
+                keys = k_cache.gather(p.blocks, q.dtype).view(-1, KV, hd)[: p.length]
+                values = v_cache.gather(p.blocks, q.dtype).view(-1, KV, hd)[: p.length]
                 mask = p.mask
             o = F.scaled_dot_product_attention(queries, keys.transpose(0, 1).unsqueeze(0),
                                                values.transpose(0, 1).unsqueeze(0), attn_mask=mask,

@@ -23,11 +23,12 @@ class LocalCompleter:
 
     model_dir: str
     seed: int = 0
+    compression: dict | None = None  # EngineConfig's quantize / kv_cache_dtype
 
     def __post_init__(self):
-        from ..engine.engine import Engine
+        from ..engine.engine import Engine, EngineConfig
 
-        self.engine = Engine(self.model_dir)
+        self.engine = Engine(self.model_dir, EngineConfig(**(self.compression or {})))
         self.name = str(self.model_dir)
         self.truncated_prompts = 0
 
@@ -115,9 +116,11 @@ class EndpointCompleter:
         return out
 
 
-def make_completer(model: str | None, endpoint: str | None, seed: int = 0):
+def make_completer(model: str | None, endpoint: str | None, seed: int = 0, compression: dict | None = None):
     from ..errors import MinicoderError
 
     if bool(model) == bool(endpoint):
         raise MinicoderError("give either a MODEL directory or --endpoint URL (not both)")
-    return EndpointCompleter(endpoint) if endpoint else LocalCompleter(model, seed=seed)
+    if endpoint and compression and (compression.get("quantize") or compression.get("kv_cache_dtype") != "auto"):
+        raise MinicoderError("--quantize / --kv-cache-dtype apply to a local MODEL, not to --endpoint")
+    return EndpointCompleter(endpoint) if endpoint else LocalCompleter(model, seed=seed, compression=compression)

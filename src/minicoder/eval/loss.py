@@ -22,8 +22,15 @@ from ..train.loop import loss_fn
 
 @torch.inference_mode()
 def heldout_loss(model_dir: str | Path, data_dir: str | Path, seq_len: int | None = None, batch_size: int = 8,
-                 max_windows: int | None = None, progress: bool = True) -> dict:
-    model = LlamaForCausalLM.from_pretrained(model_dir)
+                 max_windows: int | None = None, progress: bool = True, quantize: str | None = None,
+                 kv_cache_dtype: str = "auto", dtype: torch.dtype = torch.float32) -> dict:
+    """`quantize` / `kv_cache_dtype` compute as the engine's `--quantize` / `--kv-cache-dtype` do."""
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model.set_kv_cache_dtype(kv_cache_dtype)
+    if quantize:
+        from ..quant.apply import quantize_model
+
+        quantize_model(model, quantize)
     # Default: the length the model was trained at (longer windows would measure extrapolation, not fit).
     seq_len = seq_len or read_training_info(model_dir).get("seq_len") or min(1024, model.config.max_position_embeddings)
     data = TokenWindows(data_dir, "val", seq_len)

@@ -27,7 +27,11 @@ from ..tokenizer import EOT
 
 # --type -> (file type recorded in the header, storage type of the 2-D weights)
 TYPES = {"f32": ("ALL_F32", "F32"), "f16": ("MOSTLY_F16", "F16"), "bf16": ("MOSTLY_BF16", "BF16"),
-         "q8_0": ("MOSTLY_Q8_0", "Q8_0")}
+         "q8_0": ("MOSTLY_Q8_0", "Q8_0"), "q4_0": ("MOSTLY_Q4_0", "Q4_0")}
+# Types whose mixes (per-tensor type choices, k-quant search) only llama.cpp's own quantizer makes: an f32
+# GGUF is written, then `llama_model_quantize` (llama-cpp-python) turns it into this type.
+LLAMA_CPP_TYPES = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
+ALL_TYPES = [*TYPES, *LLAMA_CPP_TYPES]
 
 # End-of-turn spellings of known chat formats (minicoder/DeepSeek-Coder, Llama 3, ChatML, Gemma).
 EOT_TOKENS = (EOT, "<|eot_id|>", "<|im_end|>", "<end_of_turn>")
@@ -95,7 +99,8 @@ def storage_type(name: str, array: np.ndarray, weight_type):
 
 
 def encode_tensor(array: np.ndarray, qtype):
-    """The bytes of one tensor in `qtype`; rows that do not split into Q8_0 blocks fall back to f16, as in the converter."""
+    """The bytes of one tensor in `qtype`; rows that do not split into Q8_0/Q4_0 blocks of 32 fall back to f16,
+    as in the converter."""
     gguf = _gguf()
     try:
         return gguf.quants.quantize(np.ascontiguousarray(array), qtype), qtype
@@ -267,20 +272,61 @@ def write_vocab(writer, vocab: Vocab) -> None:
 
 
 def load_model(model_dir: Path) -> LlamaForCausalLM:
+    """The model in fp32; a quantized one (AWQ, int8) has its codes dequantized, AWQ's scales being already
+    folded into its weights and norms, so llama.cpp runs it as a plain Llama."""
     if not model_dir.is_dir():
         raise MinicoderError(f"{model_dir}: no such model directory")
     from ..model import LlamaForCausalLM
+    from ..quant.apply import dequantize_model
 
-    return LlamaForCausalLM.from_pretrained(model_dir)  # fp32; raises MinicoderError on bad files
+    model = LlamaForCausalLM.from_pretrained(model_dir)  # raises MinicoderError on bad files
+    dequantize_model(model)
+    return model
+
+
+def llama_cpp_quantize(src: Path, dst: Path, type: str) -> None:
+    """llama.cpp's quantizer (through llama-cpp-python) from an f32 GGUF to `type`."""
+    import ctypes
+
+    try:
+        import llama_cpp
+    except ImportError:
+        raise MinicoderError(f"--type {type} needs llama.cpp's quantizer: pip install llama-cpp-python") from None
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, LLAMA_CPP_TYPES[type])
+    params.nthread = os.cpu_count() or 1
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
+        raise MinicoderError(f"llama.cpp could not quantize {src} to {type}")
 
 
 def export_gguf(model_dir: str | Path, out_file: str | Path, type: str = "f16") -> dict:
     """Write `model_dir` as one GGUF file (atomically: a temporary file renamed into place). Returns a summary."""
-    if type not in TYPES:
-        raise MinicoderError(f"unknown GGUF type {type!r}; choose one of {', '.join(TYPES)}")
+    if type not in ALL_TYPES:
+        raise MinicoderError(f"unknown GGUF type {type!r}; choose one of {', '.join(ALL_TYPES)}")
     gguf = _gguf()
     model_dir, out_file = Path(model_dir), Path(out_file)
     model = load_model(model_dir)
+    if type in LLAMA_CPP_TYPES:
+        return _export_through_llama_cpp(model_dir, out_file, type, model)
+    return _write_gguf(model_dir, out_file, type, model)
+
+
+def _export_through_llama_cpp(model_dir: Path, out_file: Path, type: str, model) -> dict:
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    f32 = out_file.with_name(f".{out_file.name}.{os.getpid()}.f32")
+    tmp = out_file.with_name(f".{out_file.name}.{os.getpid()}.tmp")
+    try:
+        summary = _write_gguf(model_dir, f32, "f32", model)
+        llama_cpp_quantize(f32, tmp, type)
+        os.replace(tmp, out_file)
+    finally:
+        f32.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+    return {**summary, "path": str(out_file), "type": type, "bytes": out_file.stat().st_size}
+
+
+def _write_gguf(model_dir: Path, out_file: Path, type: str, model) -> dict:
+    gguf = _gguf()
     vocab = read_vocab(model_dir, model.config.vocab_size, _read_json(model_dir / "config.json"))
     file_type = gguf.LlamaFileType[TYPES[type][0]]
     weight_type = gguf.GGMLQuantizationType[TYPES[type][1]]
@@ -313,8 +359,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Arguments of `minicoder export gguf`."""
     parser.add_argument("model", type=Path, metavar="MODEL", help="model directory (config.json, model.safetensors, tokenizer.json)")
     parser.add_argument("--out", required=True, type=Path, metavar="FILE.gguf", help="output GGUF file")
-    parser.add_argument("--type", default="f16", choices=list(TYPES),
-                        help="storage type of the weight matrices; norms stay f32 (default f16)")
+    parser.add_argument("--type", default="f16", choices=ALL_TYPES,
+                        help="storage type of the weight matrices; norms stay f32 (default f16); "
+                             "q4_k_m uses llama.cpp's quantizer (llama-cpp-python)")
 
 
 def run(args: argparse.Namespace) -> None:

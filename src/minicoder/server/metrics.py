@@ -82,6 +82,11 @@ class ServerMetrics:
         metric("minicoder_kv_cache_blocks_used", "gauge", "KV-cache blocks in use (or held by the prefix cache).",
                used_blocks)
         metric("minicoder_kv_cache_blocks_total", "gauge", "KV-cache blocks in the pool.", stats.total_blocks)
+        kv_label = f',kv_cache_dtype="{stats.kv_cache_dtype}"'
+        metric("minicoder_kv_cache_capacity_tokens", "gauge", "Tokens the KV-cache pool holds (int8/int4 hold more).",
+               stats.total_blocks * stats.block_size, kv_label)
+        metric("minicoder_kv_cache_bytes_per_token", "gauge", "KV-cache bytes per token over all layers.",
+               stats.kv_cache_bytes_per_token, kv_label)
         metric("minicoder_kv_cache_usage_ratio", "gauge", "Fraction of KV-cache blocks in use.",
                used_blocks / stats.total_blocks if stats.total_blocks else 0.0)
         metric("minicoder_prefix_cache_queried_tokens_total", "counter", "Prompt tokens looked up in the prefix cache.",
