@@ -119,6 +119,7 @@ def test_a_huge_jsonl_row_is_skipped_without_being_read_whole(suffix, tmp_path):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < 8_000_000, f"peak {peak:,} bytes: the 28 MB row was read whole"
+    # Reading the row whole costs at least its 28 MB; the rest of the corpus pipeline peaks near 8 MB.
+    assert peak < 14_000_000, f"peak {peak:,} bytes: the 28 MB row was read whole"
     assert meta["counts"]["dropped"] == {"too_large": 1}
     assert sorted(p for d in docs for p in d["paths"]) == ["after.py", "small.py"]
