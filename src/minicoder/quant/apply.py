@@ -14,7 +14,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from ..errors import MinicoderError
-from .linear import Int4Linear, Int8Linear, QuantLinear
+from .linear import Int4Linear, Int8Linear, QuantLinear, kernel_dtype
 from .rtn import Int4Weight, Int8Weight, int4_group_size_for, quantize_int4, quantize_int8
 
 log = logging.getLogger("minicoder.quant")
@@ -40,7 +40,7 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def install(model, weights: dict[str, Int4Weight | Int8Weight], dtype: torch.dtype | None = None) -> None:
     """Replace the named Linears by quantized layers holding `weights`."""
-    dtype = dtype or model.lm_head.weight.dtype
+    dtype = kernel_dtype(dtype or model.lm_head.weight.dtype)
     for name, w in weights.items():
         layer = Int4Linear(w, dtype) if isinstance(w, Int4Weight) else Int8Linear(w, dtype)
         set_module(model, name, layer)

@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..hardware import cpu_has_fast_bf16
 from ..config import TrainConfig
 from ..data.io import atomic_write_text
 from ..errors import MinicoderError
@@ -48,8 +49,7 @@ def autocast_dtype(choice: str, device: torch.device) -> torch.dtype | None:
         raise MinicoderError(f"dtype must be auto, fp32 or bf16, got {choice!r}")
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    fast = torch.cpu._is_avx512_bf16_supported() or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return torch.bfloat16 if fast else None
+    return torch.bfloat16 if cpu_has_fast_bf16() else None
 
 
 class Distributed:
