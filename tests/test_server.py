@@ -336,3 +336,43 @@ def test_health_and_metrics(client):
                  "minicoder_requests_total", "minicoder_time_to_first_token_seconds_count"):
         assert name in values, name
     assert values["minicoder_generation_tokens_total"] >= 4 and values["minicoder_kv_cache_blocks_total"] > 0
+
+
+# --- behaviour over HTTP: stop strings, n and seed ---------------------------------------------------------
+def sse_texts(url: str, body: dict) -> list[str]:
+    """The text of each streamed /v1/completions chunk, in order."""
+    texts = []
+    with httpx.Client(timeout=60) as h, h.stream("POST", url + "/v1/completions", json={**body, "stream": True}) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                texts += [c["text"] for c in json.loads(line[6:])["choices"]]
+    return texts
+
+
+def test_stop_strings_over_http_end_the_text_before_them_streamed_or_not(server):
+    greedy = {"prompt": "def fibonacci(n):", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    full = httpx.post(server.url + "/v1/completions", json=greedy, timeout=60).json()["choices"][0]["text"]
+    stop = full[12:16]  # a piece in the middle of what the model writes
+    assert len(stop) == 4 and full.index(stop) >= 1
+    expected = full[:full.index(stop)]
+    body = {**greedy, "stop": [stop]}
+    whole = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]
+    assert (whole["text"], whole["finish_reason"]) == (expected, "stop")
+    streamed = sse_texts(server.url, body)
+    assert "".join(streamed) == expected
+    # Held back until it cannot be the start of the stop string: no chunk ever shows part of the stop text
+    # after the expected end.
+    assert not any(stop in t for t in streamed)
+
+
+def test_n_choices_differ_and_seed_makes_them_repeatable(server):
+    body = {"prompt": "def add(a, b):", "max_tokens": 12, "temperature": 1.0, "n": 3, "seed": 1234,
+            "ignore_eos": True}
+    first = [c["text"] for c in httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()["choices"]]
+    again = [c["text"] for c in httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()["choices"]]
+    assert first == again  # the same seed gives the same n choices
+    assert len(set(first)) > 1  # choice i uses seed + i: they are not copies of one sample
+    other = [c["text"] for c in httpx.post(server.url + "/v1/completions", json={**body, "seed": 99},
+                                           timeout=60).json()["choices"]]
+    assert other != first
