@@ -178,7 +178,12 @@ def kill_run(namespaces: list[str], uid) -> None:
         except ProcessLookupError:
             pass  # nothing left to kill
     elif uid is not None:
-        if os.fork() == 0:
+        try:
+            killer = os.fork()
+        except OSError:  # the run's cgroup is at its process limit (a fork bomb): no helper process can start
+            _kill_descendants()  # init is their subreaper: every process of the run is its descendant
+            return
+        if killer == 0:
             try:
                 os.setgid(uid)
                 os.setuid(uid)
