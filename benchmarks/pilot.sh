@@ -16,11 +16,11 @@ declare -A SHAPES=(
 mkdir -p "$OUT"
 for name in h256x4 h320x6 h384x6; do
   shape=${SHAPES[$name]}
-  # 1. measure this shape's throughput (12 steps, the first 4 discarded as warm-up)
-  rm -rf "$OUT/$name-probe"
-  $PY -m minicoder pretrain --config configs/small.toml --data "$DATA" --out "$OUT/$name-probe" --max-steps 12 \
+  # 1. measure this shape's throughput (12 steps, the first 4 discarded as warm-up). A probe already in OUT is
+  #    reused: measure on a quiet machine once, then the timed runs are equal-compute even if the machine is busy later.
+  [ -f "$OUT/$name-probe/log.jsonl" ] || $PY -m minicoder pretrain --config configs/small.toml --data "$DATA" --out "$OUT/$name-probe" --max-steps 12 \
       --batch-size $BATCH --grad-accum 1 --seq-len $SEQ --eval-interval 1000 --save-interval 1000 --quiet $shape >/dev/null
-  tok_s=$($PY -c "import json,sys; r=[json.loads(l) for l in open('$OUT/$name-probe/log.jsonl')][4:]; print(sum(x['tokens_per_s'] for x in r)/len(r))")
+  tok_s=$($PY -c "import json,sys; r=[x for x in map(json.loads, open('$OUT/$name-probe/log.jsonl')) if 'tokens_per_s' in x][4:]; print(sum(x['tokens_per_s'] for x in r)/len(r))")
   steps=$($PY -c "print(max(20, int($SECONDS_EACH * $tok_s / ($BATCH * $SEQ))))")
   echo "== $name: $tok_s tokens/s -> $steps steps in ${SECONDS_EACH}s"
   # 2. the timed run: warmup, stable, and a 20% decay that ends it
