@@ -4,7 +4,7 @@
   minicoder tokenizer train --corpus DIR --out DIR   byte-level BPE in Hugging Face format
   minicoder data pack --corpus DIR --tokenizer DIR --out DIR    FIM + tokenize -> uint16 shards
   minicoder pretrain --config FILE --data DIR --out DIR          train (torchrun for several processes)
-  minicoder generate MODEL --prompt TEXT [--suffix TEXT]         completion / fill-in-the-middle
+  minicoder generate [MODEL] --prompt TEXT [--suffix TEXT]       completion / fill-in-the-middle (default: the shipped model)
   minicoder agent MODEL|--endpoint URL "question" [--tools ...]   CodeAct agent, code runs in the sandbox
   minicoder quantize MODEL --method awq --bits 4 --out DIR       AWQ / RTN int4, int8 weights
   minicoder export ship RUN --out models/minicoder-small          a recipe run -> the default model
@@ -132,7 +132,8 @@ def cmd_generate(args):
 
     from .shipped import resolve_model
 
-    gen = Generator(resolve_model(args.model, "instruct" if args.chat else "base"), EngineConfig(max_num_seqs=1, **compression_config(args)))
+    model = resolve_model(args.model, "instruct" if args.chat else "base")
+    gen = Generator(model, EngineConfig(max_num_seqs=1, **compression_config(args)))
     try:
         if args.chat:
             text = gen.chat([{"role": "user", "content": args.prompt}], params)
