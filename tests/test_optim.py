@@ -34,6 +34,10 @@ def test_split_puts_only_hidden_matrices_on_muon():
     assert all("momentum_buffer" in opt.muon.state[p] for g in opt.muon.param_groups for p in g["params"])
     assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())  # Muon and AdamW both stepped
     assert isinstance(build_optimizer(model, TrainConfig()), torch.optim.AdamW)  # the default is unchanged
+    opt.load_state_dict(opt.state_dict())  # as --resume does: torch replaces each optimizer's group dicts
+    for group in opt.param_groups:
+        group["lr"] = 0.123  # the loop's schedule
+    assert all(g["lr"] == 0.123 for o in (opt.muon, opt.adamw) for g in o.param_groups)
 
 
 def test_muon_trains_and_resumes_exactly(tiny_packed, tiny_preset, tmp_path):

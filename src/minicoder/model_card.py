@@ -40,8 +40,8 @@ def _data(out: Path) -> list[str]:
     lines = ["## Data", ""]
     if corpus:
         c = corpus.get("counts", {})
-        lines.append(f"- corpus: {c.get('files_kept', '?'):,} files, {c.get('bytes_kept', 0) / 1e6:.1f} MB from "
-                     f"{c.get('repositories_kept', '?')} repositories (of {c.get('files_seen', '?'):,} files seen); "
+        lines.append(f"- corpus: {c.get('files_kept', 0):,} files, {c.get('bytes_kept', 0) / 1e6:.1f} MB from "
+                     f"{c.get('repositories_kept', 0)} repositories (of {c.get('files_seen', 0):,} files seen); "
                      f"removed: {c.get('exact_duplicates', 0)} exact and {c.get('near_duplicates_file', 0)} near-duplicate "
                      f"files, {c.get('decontaminated', 0)} files overlapping HumanEval (10-gram), "
                      + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in c.get("dropped", {}).items()))
@@ -56,8 +56,9 @@ def _data(out: Path) -> list[str]:
                      f"{va['tokens']:,} held-out tokens ({va['repositories']} repositories, never FIM-transformed); "
                      f"FIM rate {data['fim']['rate']} per chunk inside {data['fim']['window']}-token windows")
     if tasks:
-        lines.append(f"- annealing data: {tasks['exercises_kept']} sandbox-verified exercises, documents {tasks['documents']}; "
-                     f"{tasks['decontamination']}")
+        documents = ", ".join(f"{n:,} {kind}" for kind, n in tasks["documents"].items())
+        lines.append(f"- annealing data: {tasks['exercises_kept']:,} sandbox-verified exercises; documents: {documents}; "
+                     f"decontamination: {tasks['decontamination']}")
     return lines + [""]
 
 

@@ -34,7 +34,11 @@ class MuonWithAdamW:
 
     def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW):
         self.muon, self.adamw = muon, adamw
-        self.param_groups = muon.param_groups + adamw.param_groups
+
+    @property
+    def param_groups(self) -> list[dict]:
+        # Looked up each time: load_state_dict replaces an optimizer's group dicts with new ones.
+        return self.muon.param_groups + self.adamw.param_groups
 
     def step(self):
         self.muon.step()
