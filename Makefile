@@ -98,5 +98,10 @@ RECIPE ?= small
 model: install
 	$(MC) recipe $(RECIPE) --out $(MODEL) $$([ -f $(MODEL)/recipe.json ] && echo --resume)
 
+# Its bf16 base + instruct models and card into models/minicoder-small, the default model (then commit that folder).
+.PHONY: ship
+ship: install
+	$(MC) export ship $(MODEL) --out models/minicoder-small $$([ -d models/minicoder-small ] && echo --force)
+
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info

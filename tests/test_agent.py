@@ -267,7 +267,7 @@ def test_agent_with_the_in_process_chat_model(model_dir):
 
 def test_cli_errors(model_dir, tmp_path):
     for args, message in [
-        (("agent", "question only"), "give a MODEL directory or --endpoint URL"),
+        (("agent", str(model_dir), "q", "--endpoint", "http://127.0.0.1:9/v1"), "give a MODEL directory or --endpoint URL, not both"),
         (("agent", str(tmp_path / "missing"), "q"), "model directory does not exist"),
         (("agent", str(model_dir), "q", "--tools", "nope"), "expected module:function"),
         (("agent", str(model_dir), "q", "--max-turns", "0"), "--max-turns must be at least 1"),

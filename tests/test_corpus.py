@@ -222,6 +222,34 @@ def test_near_duplicate_repository_is_removed(tmp_path):
     assert counts["repositories_seen"] == 3 and counts["repositories_kept"] == 2
 
 
+def long_function(seed: int | str) -> str:
+    """A function of ~60 words (over the function-level dedup's minimum), its words drawn at random."""
+    rng = random.Random(seed)
+    a, b, c, d = rng.sample(WORDS, 4)
+    body = [f"    {rng.choice(WORDS)}_{k} = {c} * {rng.randint(2, 999)} + {d}.{rng.choice(WORDS)}({rng.choice(WORDS)})"
+            for k in range(8)]
+    return "\n".join([f"def {a}_{b}({c}, {d}):", f'    """{a} {b}."""', *body, f"    return {a}_{b}_total", ""]) + "\n"
+
+
+def test_files_of_copied_functions_are_removed(tmp_path):
+    # `vendor` pastes three functions of `upstream` (reformatted, docstrings and comments changed) among many
+    # small functions of its own: file-level MinHash does not see it, the function-level pass does. `mixed`
+    # copies one function beside two of its own, so it is kept.
+    src = tmp_path / "repos"
+    functions = [long_function(i) for i in range(5)]
+    write(src, "upstream/lib.py", "".join(functions))
+    copied = "".join(f.replace('."""', '. (vendored)"""').replace(" = ", "  =  ") + "# copied\n" for f in functions[:3])
+    write(src, "vendor/helpers.py", python_module("vendor", functions=40) + copied)
+    write(src, "mixed/tools.py", functions[3] + long_function("own-1") + long_function("own-2"))
+
+    meta = corpus([src], tmp_path / "out")
+
+    counts = meta["counts"]
+    assert counts["near_duplicates_file"] == 0 and counts["dropped"]["near_duplicate_functions"] == 1
+    assert [doc["repo"] for doc in read_docs(tmp_path / "out")] == ["repos/mixed", "repos/upstream"]
+    assert "function" in meta["settings"]["near_dedup"]["levels"]
+
+
 # --- decontamination -------------------------------------------------------------------------------------------
 
 

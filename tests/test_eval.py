@@ -148,3 +148,24 @@ def test_results_table_only_when_asked(tiny_trained, tmp_path):
     proc = minicoder("eval", "humaneval", str(tiny_trained / "final"), "--protocol", "standard", "--temperature", "0.5",
                      "--out", str(tmp_path / "h"))
     assert proc.returncode == 2 and "--temperature" in proc.stderr
+
+
+def test_standard_protocol_reports_greedy_t02_and_pass10_at_t08(tmp_path):
+    """pass@1 greedy, pass@1 at T=0.2 and pass@10 at T=0.8 (n=20 by default), each from its own samples."""
+    from minicoder.eval.protocol import run_settings, standard_settings
+
+    assert [(s.n, s.temperature, s.ks) for s in standard_settings()] == [(1, 0.0, (1,)), (20, 0.2, (1,)), (20, 0.8, (1, 10))]
+    solution = load_problems()["HumanEval/0"]["canonical_solution"]
+
+    class Recorder:  # answers right at T=0 and 0.2; at T=0.8 right only in its first two samples
+        calls = []
+
+        def complete(self, prompts, n, temperature, max_tokens, stop, suffixes=None, progress=True):
+            self.calls.append((n, temperature))
+            return [[solution if temperature < 0.5 or j < 2 else "    return None\n" for j in range(n)] for _ in prompts]
+
+    scores = run_settings(Recorder(), tmp_path, standard_settings(10), limit=1, progress=False)
+    assert Recorder.calls == [(1, 0.0), (10, 0.2), (10, 0.8)]
+    assert scores == {"pass@1 greedy": 1.0, "pass@1 T=0.2 n=10": 1.0, "pass@1 T=0.8 n=10": 0.2,
+                      "pass@10 T=0.8 n=10": 1.0, "problems": 1}
+    assert all((tmp_path / name / "samples.jsonl").is_file() for name in ("greedy", "t0.2", "t0.8"))

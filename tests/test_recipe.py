@@ -94,4 +94,11 @@ def test_recipe_runs_in_sittings_and_resumes_every_stage(tmp_path):
     card = (out / "MODEL_CARD.md").read_text()
     assert "| base | infill |" in card and "| instruct | humaneval |" in card and "pass@1 greedy" in card
     assert "| pretrain |" in card and "Reproduce" in card
+    assert "`minicoder eval humaneval " in card and "--protocol standard" in card  # each score with its command
+
+    # The finished run ships as the default model: bf16 base + instruct and the same card, its links rewritten.
+    run_cli("export", "ship", str(out), "--out", str(tmp_path / "shipped"), check=True)
+    shipped = (tmp_path / "shipped" / "MODEL_CARD.md").read_text()
+    assert "| instruct | humaneval |" in shipped and "![pretrain loss](figures/pretrain_loss.png)" in shipped
+    assert json.loads((tmp_path / "shipped" / "instruct" / "minicoder.json").read_text())["stage"] == "sft"
     assert (out / "results.md").read_text().count("\n| 20") == 3 + 2 + 2

@@ -172,7 +172,9 @@ def _markers(stdout: TextIO) -> tuple[str, str]:
 # --- `minicoder chat` ---------------------------------------------------------------------------------
 def configure_parser(parser: argparse.ArgumentParser):
     d = ChatOptions()
-    parser.add_argument("model", help="a model directory (checkpoint, final/, or a Hugging Face model)")
+    from .shipped import default_help
+
+    parser.add_argument("model", nargs="?", help="a checkpoint, final/, or a Hugging Face model; " + default_help("instruct"))
     parser.add_argument("--mode", default="auto", choices=["auto", "chat", "raw"],
                         help="chat: chat template + history (SFT models); raw: continue each line (pretrained); "
                              "auto (default): from minicoder.json's stage")
@@ -206,7 +208,9 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | 
     except ValueError as e:
         raise MinicoderError(str(e).replace("max_new_tokens", "--max-new-tokens")) from None
     from .quant.options import compression_config
+    from .shipped import resolve_model
 
+    args.model = resolve_model(args.model, "instruct")
     engine = Engine(args.model, EngineConfig(dtype=args.dtype, backend=args.backend, max_num_seqs=1,
                                              **compression_config(args)))
     options.mode, why = pick_mode(Path(args.model), engine.tokenizer, args.mode)

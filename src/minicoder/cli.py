@@ -4,9 +4,10 @@
   minicoder tokenizer train --corpus DIR --out DIR   byte-level BPE in Hugging Face format
   minicoder data pack --corpus DIR --tokenizer DIR --out DIR    FIM + tokenize -> uint16 shards
   minicoder pretrain --config FILE --data DIR --out DIR          train (torchrun for several processes)
-  minicoder generate MODEL --prompt TEXT [--suffix TEXT]         completion / fill-in-the-middle
+  minicoder generate [MODEL] --prompt TEXT [--suffix TEXT]       completion / fill-in-the-middle (default: the shipped model)
   minicoder agent MODEL|--endpoint URL "question" [--tools ...]   CodeAct agent, code runs in the sandbox
   minicoder quantize MODEL --method awq --bits 4 --out DIR       AWQ / RTN int4, int8 weights
+  minicoder export ship RUN --out models/minicoder-small          a recipe run -> the default model
 
 Errors the user can fix print as one `error:` line (exit status 2), never a traceback.
 """
@@ -15,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
 
 from .errors import MinicoderError
 from .quant.options import add_compression_arguments
+from .shipped import default_help
 
 
 def cmd_corpus(args):
@@ -127,7 +130,10 @@ def cmd_generate(args):
     from .engine.engine import EngineConfig
     from .quant.options import compression_config
 
-    gen = Generator(args.model, EngineConfig(max_num_seqs=1, **compression_config(args)))
+    from .shipped import resolve_model
+
+    model = resolve_model(args.model, "instruct" if args.chat else "base")
+    gen = Generator(model, EngineConfig(max_num_seqs=1, **compression_config(args)))
     try:
         if args.chat:
             text = gen.chat([{"role": "user", "content": args.prompt}], params)
@@ -161,6 +167,10 @@ def cmd_eval(args):
     from .quant.options import compression_config
 
     out = Path(args.out)
+    if not args.model and not getattr(args, "endpoint", None) and not getattr(args, "samples", None):
+        from .shipped import default_model
+
+        args.model = default_model("base")
     model_info = describe_model(getattr(args, "model", None), getattr(args, "endpoint", None))
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in compression_config(args).items() if v not in (None, "auto"))
     if flags and model_info["model"]:  # the results table says how the model was compressed
@@ -208,7 +218,8 @@ def cmd_eval(args):
                               **compression_config(args))
         print(f"held-out loss {scores['loss']:.4f} nats/token, {scores['bits_per_byte']:.4f} bits/byte "
               f"({scores['windows']} windows of {scores['seq_len']} tokens)")
-    summary = write_report(args.eval_command, scores, model_info, out, args.results_md)
+    command = "minicoder " + shlex.join(args.argv) if getattr(args, "argv", None) else None
+    summary = write_report(args.eval_command, scores, model_info, out, args.results_md, command)
     print(f"summary: {out / (summary['task'] + '_summary.json')}")
 
 
@@ -289,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
         r.set_defaults(func=cmd_train, takes_overrides=True)
 
     g = sub.add_parser("generate", help="complete a prompt, or fill in the middle with --suffix")
-    g.add_argument("model", help="a model directory (checkpoint or final/)")
+    g.add_argument("model", nargs="?", help="a checkpoint or final/; " + default_help("base") +
+                   "; with --chat the instruct model")
     g.add_argument("--prompt", required=True)
     g.add_argument("--suffix", help="text after the hole: turns on fill-in-the-middle")
     g.add_argument("--chat", action="store_true", help="treat --prompt as a user message, laid out with the chat template")
@@ -307,6 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     xg = ex.add_parser("gguf", help="GGUF for llama.cpp / Ollama: weights, tokenizer (with FIM tokens), chat template")
     gguf.configure_parser(xg)
     xg.set_defaults(func=gguf.run)
+    from .export import ship
+
+    xs = ex.add_parser("ship", help="a finished recipe run -> bf16 base + instruct models and the model card (the default model)")
+    ship.configure_parser(xs)
+    xs.set_defaults(func=ship.run)
 
     from .quant import cli as quant_cli
 
@@ -341,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
                             ("infill", "HumanEval single-line infilling: exact match and pass@1"),
                             ("loss", "held-out loss and bits per byte on packed validation data")):
         e = ev.add_parser(name, help=help_text)
-        e.add_argument("model", nargs="?" if name != "loss" else None, help="a model directory")
+        e.add_argument("model", nargs="?", help=default_help("base"))
         if name != "loss":
             e.add_argument("--endpoint", help="an OpenAI-compatible base URL instead of MODEL, e.g. http://127.0.0.1:8000/v1")
             e.add_argument("--limit", type=int, help="only the first K problems")
@@ -373,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # quoted in reports (the eval summary's command)
     try:
         if getattr(args, "takes_overrides", False):
             args.func(args, extra)

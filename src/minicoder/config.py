@@ -26,6 +26,8 @@ class TrainConfig:
     warmup_steps: int = 50
     schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay, see train/schedule.py)
     decay_fraction: float = 0.2  # wsd: share of max_steps spent decaying at the end
+    optimizer: str = "adamw"  # adamw | muon (hidden weight matrices on torch.optim.Muon, the rest on AdamW: train/optim.py)
+    muon_momentum: float = 0.95
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95

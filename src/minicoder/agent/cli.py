@@ -19,7 +19,10 @@ from ..errors import MinicoderError
 
 
 def configure_parser(parser: argparse.ArgumentParser):
-    parser.add_argument("model", nargs="?", help="a model directory (chat template); or use --endpoint")
+    from ..shipped import default_help
+
+    parser.add_argument("model", nargs="?", help="a model directory with a chat template, or use --endpoint; "
+                        + default_help("instruct"))
     parser.add_argument("question")
     parser.add_argument("--endpoint", help="an OpenAI-compatible base URL instead of MODEL, e.g. http://127.0.0.1:8000/v1")
     parser.add_argument("--api-key", default=os.environ.get("MINICODER_API_KEY"),
@@ -37,8 +40,12 @@ def configure_parser(parser: argparse.ArgumentParser):
 
 
 def run(args: argparse.Namespace) -> int:
-    if (args.model is None) == (args.endpoint is None):
-        raise MinicoderError("give a MODEL directory or --endpoint URL (one of them)")
+    if args.model is not None and args.endpoint is not None:
+        raise MinicoderError("give a MODEL directory or --endpoint URL, not both")
+    if args.endpoint is None:
+        from ..shipped import resolve_model
+
+        args.model = resolve_model(args.model, "instruct")
     if args.model is not None and not Path(args.model).is_dir():
         raise MinicoderError(f"{args.model}: model directory does not exist")
     for flag, value, minimum in (("--max-turns", args.max_turns, 1), ("--memory-mb", args.memory_mb, 64),

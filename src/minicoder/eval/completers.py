@@ -48,22 +48,12 @@ class LocalCompleter:
         return ids, max_tokens
 
     def fim_prompt(self, prefix: str, suffix: str, max_tokens: int) -> tuple[list[int], int]:
-        """A FIM prompt that fits: the control tokens always stay; the prefix loses its start and the suffix
-        its end (the code nearest the hole matters most), the suffix keeping at least a quarter of the room."""
+        """A FIM prompt that fits, cut by the server's own rule (PromptBuilder.infill): the control tokens
+        stay, the prefix loses its start and the suffix its end, 3:1."""
         budget, max_tokens = self.budget(max_tokens)
-        prompts = self.engine.prompts
-        p, s = prompts.text(prefix), prompts.text(suffix)
-        overhead = len(prompts.fim("", ""))
-        room = budget - overhead
-        if len(p) + len(s) > room:
-            self.truncated_prompts += 1
-            keep_s = min(len(s), max(room // 4, room - len(p)))
-            p, s = p[len(p) - (room - keep_s):] if room > keep_s else [], s[:keep_s]
-        fmt, vocab = prompts.fim_format, prompts.vocab
-        if fmt is None:
-            raise ValueError("this tokenizer has no fill-in-the-middle tokens")
-        # The same layout as PromptBuilder.fim, around the cut token lists.
-        return [*prompts.start_ids, vocab[fmt.prefix], *p, vocab[fmt.suffix], *s, vocab[fmt.middle]], max_tokens
+        prompt = self.engine.prompts.infill(prefix, suffix, budget=budget)
+        self.truncated_prompts += prompt.truncated
+        return prompt.ids, max_tokens
 
     def complete(self, prompts, n, temperature, max_tokens, stop, suffixes=None, progress=True):
         from ..engine.sampling import SamplingParams

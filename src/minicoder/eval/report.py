@@ -22,8 +22,11 @@ def describe_model(model: str | None, endpoint: str | None) -> dict:
             "tokens_trained": info.get("tokens_trained")}
 
 
-def write_report(task: str, scores: dict, model_info: dict, out_dir: Path, results_md: str | Path | None) -> dict:
-    summary = {"task": task, "date": time.strftime("%Y-%m-%d %H:%M"), **model_info, "scores": scores}
+def write_report(task: str, scores: dict, model_info: dict, out_dir: Path, results_md: str | Path | None,
+                 command: str | None = None) -> dict:
+    """`command`: the command line that produced the scores (the model card quotes it)."""
+    summary = {"task": task, "date": time.strftime("%Y-%m-%d %H:%M"), **model_info, "scores": scores,
+               **({"command": command} if command else {})}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{task}_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if results_md:

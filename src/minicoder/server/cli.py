@@ -15,7 +15,10 @@ log = logging.getLogger("minicoder.server")
 
 
 def configure_serve_parser(parser: argparse.ArgumentParser):
-    parser.add_argument("model", help="a model directory (a minicoder checkpoint or any Hugging Face causal LM)")
+    from ..shipped import default_help
+
+    parser.add_argument("model", nargs="?", help="a minicoder checkpoint or any Hugging Face causal LM; "
+                        + default_help("instruct"))
     parser.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1; 0.0.0.0 listens on all interfaces")
     parser.add_argument("--port", type=int, default=8000)
     key = parser.add_mutually_exclusive_group()
@@ -92,8 +95,11 @@ def run_serve(args: argparse.Namespace):
     config = EngineConfig(dtype=args.dtype, backend=args.backend, max_model_len=args.max_model_len,
                           max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting,
                           kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)), **compression_config(args))
+    from ..shipped import resolve_model, served_name
+
+    args.model = resolve_model(args.model, "instruct")
     engine = AsyncEngine.from_pretrained(args.model, config)
-    name = args.served_model_name or Path(args.model).resolve().name
+    name = args.served_model_name or served_name(Path(args.model))
     app = create_app(engine, ServerSettings(model_name=name, api_key=key, repo=args.repo,
                                             repo_context_tokens=args.repo_context_tokens,
                                             max_body_bytes=int(args.max_body_mb * (1 << 20))))
