@@ -19,6 +19,7 @@ Aim: minicoder's TTFT p50 at most 0.5x llama-server's. Models and GGUF files are
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -31,10 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from serve_bench import (LLAMA_BIN, PY, WORK, Server, ensure_gguf, ensure_random_llama,  # noqa: E402
-                         ensure_tokenizer, free_port)
+from common import LLAMA_BIN, PY, WORK  # noqa: E402
+from models import SHAPES, ensure_gguf, ensure_random_llama, ensure_tokenizer  # noqa: E402
+from servers import Server, free_port  # noqa: E402
 
-from minicoder.model import ModelConfig  # noqa: E402
 from minicoder.server.repo_index import RepoIndex  # noqa: E402
 
 AIM = 0.5  # minicoder TTFT p50 <= 0.5x llama-server's
@@ -122,8 +123,7 @@ def prepare_model(args) -> Path:
     demo = ROOT / "runs" / "demo" / "final"
     if not args.random and (demo / "config.json").is_file() and (demo / "tokenizer.json").is_file():
         return demo
-    cfg = ModelConfig(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048)
+    cfg = dataclasses.replace(SHAPES["demo"], max_position_embeddings=2048)
     return ensure_random_llama(WORK / "editor-random", cfg, ensure_tokenizer(WORK))
 
 
