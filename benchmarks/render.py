@@ -21,9 +21,10 @@ import sys
 from pathlib import Path
 
 BENCHMARKS = {"decode": "Decode at batch 1", "serving": "Concurrent streaming clients",
-              "profile": "Where minicoder's time goes", "train": "Training throughput"}
+              "profile": "Where minicoder's time goes", "train": "Training throughput",
+              "quality": "Compression: quality and size"}
 SCRIPTS = {"decode": "decode_bench.py", "serving": "serving_bench.py", "profile": "profile_bench.py",
-           "train": "train_throughput.py"}
+           "train": "train_throughput.py", "quality": "quant_quality.py"}
 BUSY = 0.15  # the share of other processes' CPU above which a figure gets a dagger (common.BUSY)
 
 
@@ -205,7 +206,27 @@ def render_train(d: dict) -> list[str]:
     return lines
 
 
-RENDERERS = {"decode": render_decode, "serving": render_serving, "profile": render_profile, "train": render_train}
+def render_quality(d: dict) -> list[str]:
+    r = d["results"]
+    mb = lambda b: "-" if b is None else f"{b / 1e6:.2f}"  # noqa: E731
+    lines = header(d) + [
+        f"Model {r['model']}, held-out data {r['data']} ({r['formats'][0]['windows']} windows of its validation "
+        "split). Bits per byte of the held-out repositories (lower is better); weights on disk = the model "
+        "directory's safetensors; resident = what the serving engine holds (fused, packed for this CPU's kernels); "
+        "KV bytes per token over all layers.", ""]
+    lines += table(["format", "bits/byte", "vs fp32", "weights on disk (MB)", "resident (MB)", "KV bytes/token", "notes"],
+                   [[f["format"], f"{f['bits_per_byte']:.4f}", f"{f['vs_fp32_pct']:+.2f}%", mb(f["disk_bytes"]),
+                     mb(f["resident_bytes"]), f"{f['kv_bytes_per_token']:,}", f["note"]] for f in r["formats"]],
+                   "lrrrrrl")
+    errors = r["awq_layer_errors"]
+    lines += ["", f"AWQ vs RTN calibration output error: lower in {sum(g['awq_mse'] < g['rtn_mse'] for g in errors)} "
+              f"of {len(errors)} Linear groups; total MSE {sum(g['awq_mse'] for g in errors):.3g} (AWQ) vs "
+              f"{sum(g['rtn_mse'] for g in errors):.3g} (RTN)."]
+    return lines
+
+
+RENDERERS = {"decode": render_decode, "serving": render_serving, "profile": render_profile, "train": render_train,
+             "quality": render_quality}
 
 
 def render(results: Path, doc: Path, only: list[str] | None = None) -> list[str]:

@@ -60,7 +60,8 @@ def run_minicoder(m, args, dtype, env, log_dir, engine_args):
 
 def run_llama_server(m, args, dtype, env, log_dir):
     cells = []
-    for qtype in dict.fromkeys([GGUF_TYPE[dtype], *args.llama_extra_types]):
+    extra = args.llama_extra_types if dtype == args.dtypes[0] else []  # measured once, not once per dtype
+    for qtype in dict.fromkeys([GGUF_TYPE[dtype], *extra]):
         for c in args.levels:  # one server per level: -np N slots
             port = free_port()
             cmd = [str(LLAMA_BIN / "llama-server"), "-m", str(m.ggufs[qtype]), "--host", "127.0.0.1",
