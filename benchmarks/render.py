@@ -53,6 +53,13 @@ def num(v, fmt: str = ",.1f", dagger: bool = False) -> str:
     return format(v, fmt) + (" †" if dagger else "")
 
 
+def ratio_table(models: dict) -> list[str]:
+    """One row per ratio, one column per model ("-" where that model has no such ratio)."""
+    names = list(dict.fromkeys(k for e in models.values() for k in e["ratios"]))
+    return table(["ratio"] + list(models), [[k] + [f"{e['ratios'][k]:.2f}x" if e["ratios"].get(k) else "-"
+                                                   for e in models.values()] for k in names])
+
+
 def header(data: dict) -> list[str]:
     m, v = data["machine"], data["versions"]
     load = m["load_average"][0]
@@ -93,9 +100,7 @@ def render_decode(d: dict) -> list[str]:
         rows.append(row)
     cols = ["system"] + [c for name in models for c in (f"{name} tok/s", f"{name} weights MB")]
     lines += table(cols, rows) + [""]
-    ratio_names = list(dict.fromkeys(k for e in models.values() for k in e["ratios"]))
-    lines += table(["ratio"] + list(models), [[k] + [num(e["ratios"].get(k), ".2f") + "x" if e["ratios"].get(k)
-                                                     else "-" for e in models.values()] for k in ratio_names])
+    lines += ratio_table(models)
     lines.append("")
     for name, e in models.items():
         same = ", ".join(f"{s} {a}/{b}" for s, (a, b) in e["greedy_match_vs_minicoder_fp32"].items())
@@ -138,9 +143,7 @@ def render_serving(d: dict) -> list[str]:
     if any(c.get("note") for e in r["models"].values() for c in e["cells"]):
         lines += ["", "\\* one request per client (the baseline script serves one request at a time)."]
     lines.append("")
-    names = list(dict.fromkeys(k for e in r["models"].values() for k in e["ratios"]))
-    lines += table(["ratio"] + list(r["models"]), [[k] + [num(e["ratios"].get(k), ".2f") + "x" if e["ratios"].get(k)
-                                                          else "-" for e in r["models"].values()] for k in names])
+    lines += ratio_table(r["models"])
     same = [f"{name}: {k} {'same' if v else 'different'}" for name, e in r["models"].items()
             for k, v in e["same_text_at_1_client"].items()]
     if same:
