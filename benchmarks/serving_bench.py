@@ -136,8 +136,8 @@ def run_model(m: BenchModel, args, engine_args: list[str], skipped: dict) -> dic
                     cells += run_vllm(m, args, dtype, env, log_dir)
                 else:
                     cells += run_baseline(m, args, env, log_dir)
-            except RuntimeError as e:  # a server that does not start: reported, the run goes on
-                print(f"  [{m.name}] {system} ({dtype}) did not start: {e}", flush=True)
+            except Exception as e:  # a server that does not start (or fails): reported, the other systems go on
+                print(f"  [{m.name}] {system} ({dtype}) failed: {e!r}", flush=True)
                 cells.append({"system": system, "dtype": dtype, "clients": 0, "error": str(e)[:500]})
     top = max(args.levels)
     ratios, same_text = {}, {}
