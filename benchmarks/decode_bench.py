@@ -21,7 +21,7 @@ import subprocess
 import time
 
 from common import LLAMA_BIN, Run, add_common_args, measured, ratio
-from models import BenchModel, engine_config, prepare_models, prompt_ids, split_engine_args
+from models import BenchModel, engine_config, prepare_models, prompt_ids, split_flags
 
 FORMATS = {"fp32": ["--dtype", "float32"], "bf16": ["--dtype", "bfloat16"],
            "int8": ["--dtype", "float32", "--quantize", "int8"], "int4": ["--dtype", "float32", "--quantize", "int4"]}
@@ -213,7 +213,7 @@ def main():
     unknown = [f for f in args.formats if f not in FORMATS]
     if unknown:
         ap.error(f"--formats: unknown {', '.join(unknown)} (known: {', '.join(FORMATS)})")
-    engine_args = split_engine_args(args.engine_args)
+    engine_args = split_flags(args.engine_args)
     engine_config(engine_args)  # a bad flag fails here, before any model is built
     run = Run("decode", args)
     models = prepare_models([s for s in args.models.split(",") if s], args.quick, args.new_tokens,

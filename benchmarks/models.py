@@ -180,8 +180,8 @@ def prompt_ids(m: BenchModel, i: int = 0) -> list[int]:
 
 # --- minicoder engine settings from `minicoder serve` flags ------------------------------------------------
 
-def split_engine_args(text: str) -> list[str]:
-    """--engine-args "--compile on --dtype bfloat16" -> a flag list, passed to `minicoder serve` as is."""
+def split_flags(text: str) -> list[str]:
+    """--engine-args "--compile on" (or --vllm-args) -> a flag list, passed to the server as is."""
     return shlex.split(text or "")
 
 

