@@ -56,6 +56,8 @@ def num(v, fmt: str = ",.1f", dagger: bool = False) -> str:
 def ratio_table(models: dict) -> list[str]:
     """One row per ratio, one column per model ("-" where that model has no such ratio)."""
     names = list(dict.fromkeys(k for e in models.values() for k in e["ratios"]))
+    if not names:
+        return []
     return table(["ratio"] + list(models), [[k] + [f"{e['ratios'][k]:.2f}x" if e["ratios"].get(k) else "-"
                                                    for e in models.values()] for k in names])
 
@@ -75,7 +77,8 @@ def models_list(models: dict) -> list[str]:
     out = []
     for name, entry in models.items():
         m = entry["model"]
-        out.append(f"- **{name}**: {m['params'] / 1e6:.1f}M parameters, {m['note']}; prompts of "
+        out.append(f"- **{name}**: {m['params'] / 1e6:.1f}M parameters, {m['note']}; "
+                   f"{entry.get('new_tokens', m['new_tokens'])} output tokens per request, prompts of "
                    f"{m['prompt_tokens'][0]}-{m['prompt_tokens'][1]} tokens; {m['weight_bytes'] / 1e6:,.0f} MB of "
                    f"fp32 weights read per decode step.")
     return out + [""]
