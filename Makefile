@@ -99,9 +99,9 @@ bench-setup: install
 
 bench: install
 	$(BIN)/python benchmarks/train_throughput.py --out $(BENCH_OUT)
-	$(BIN)/python benchmarks/decode_bench.py --out $(BENCH_OUT) --engine-args "$(ENGINE_ARGS)"
-	$(BIN)/python benchmarks/serving_bench.py --out $(BENCH_OUT) --engine-args "$(ENGINE_ARGS)"
-	$(BIN)/python benchmarks/profile_bench.py --out $(BENCH_OUT) --engine-args "$(ENGINE_ARGS)"
+	$(BIN)/python benchmarks/decode_bench.py --out $(BENCH_OUT) --engine-args="$(ENGINE_ARGS)"
+	$(BIN)/python benchmarks/serving_bench.py --out $(BENCH_OUT) --engine-args="$(ENGINE_ARGS)"
+	$(BIN)/python benchmarks/profile_bench.py --out $(BENCH_OUT) --engine-args="$(ENGINE_ARGS)"
 	$(BIN)/python benchmarks/render.py --results $(BENCH_OUT)
 
 # The shipped model's recipe, corpus to model card, resumable: `make model` again continues where it stopped.

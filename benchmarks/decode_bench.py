@@ -6,7 +6,7 @@ of --repeats after a warm-up; greedy, fixed prompt, fixed output length.
 
   .venv/bin/python benchmarks/decode_bench.py                          # both models, every format
   .venv/bin/python benchmarks/decode_bench.py --models demo --formats fp32 --llama-types f32 --repeats 1
-  .venv/bin/python benchmarks/decode_bench.py --engine-args "--compile on"   # extra `minicoder serve` flags
+  .venv/bin/python benchmarks/decode_bench.py --engine-args="--compile on"   # extra `minicoder serve` flags
 
 Ratios printed at the end: minicoder fp32/llama.cpp f32, bf16/bf16 (and /f16), int8/q8_0, int4/q4_0.
 Raw results: OUT/decode-*.json (benchmarks/common.py); `--render` fills docs/benchmarks.md.

@@ -5,7 +5,7 @@ weights; one layer's paged decode attention vs SDPA / a grouped matmul on contig
 
   .venv/bin/python benchmarks/profile_bench.py                       # both models, batch 1 and 16
   .venv/bin/python benchmarks/profile_bench.py --models demo --batches 1 --steps 10
-  .venv/bin/python benchmarks/profile_bench.py --engine-args "--compile on"
+  .venv/bin/python benchmarks/profile_bench.py --engine-args="--compile on"
 
 Raw results: OUT/profile-*.json (benchmarks/common.py); `--render` fills docs/benchmarks.md.
 """
@@ -185,7 +185,8 @@ def main():
     ap.add_argument("--models", default="demo,200M", help="comma-separated: demo, 200M")
     ap.add_argument("--batches", default="1,16", help="running batch sizes to profile")
     ap.add_argument("--steps", type=int, default=100, help="decode steps timed per batch size")
-    ap.add_argument("--engine-args", default="", help='extra `minicoder serve` flags, e.g. "--compile on"')
+    ap.add_argument("--engine-args", default="", help='extra `minicoder serve` flags, e.g. '
+                    '--engine-args="--compile on" (write the = when the value starts with -)')
     ap.add_argument("--no-kernels", dest="kernels", action="store_false", help="skip the kernel checks")
     args = ap.parse_args()
     engine_args = split_flags(args.engine_args)

@@ -5,7 +5,7 @@ one system at a time, each with the same threads: TTFT and TPOT p50/p99, total o
 
   .venv/bin/python benchmarks/serving_bench.py                      # both models, every system
   .venv/bin/python benchmarks/serving_bench.py --models demo --levels 1 --systems minicoder,vllm --quick
-  .venv/bin/python benchmarks/serving_bench.py --engine-args "--compile on"   # extra `minicoder serve` flags
+  .venv/bin/python benchmarks/serving_bench.py --engine-args="--compile on"   # extra `minicoder serve` flags
 
 Needs `benchmarks/setup_llamacpp.sh` (llama-server) and `benchmarks/setup_vllm.sh` (build/vllm-venv); a
 system that is not installed is skipped and the JSON says so. Every request: greedy, fixed output length
@@ -171,13 +171,14 @@ def main():
                     "bf16 in hardware (AVX-512 BF16 or AMX). The baseline script runs fp32 only")
     ap.add_argument("--llama-extra-types", default="f16", help="llama-server GGUF types besides the dtype's own "
                     "(default f16, llama.cpp's usual type; empty: none)")
-    ap.add_argument("--engine-args", default="", help='extra `minicoder serve` flags, e.g. "--compile on"')
+    ap.add_argument("--engine-args", default="", help='extra `minicoder serve` flags, e.g. '
+                    '--engine-args="--compile on" (write the = when the value starts with -)')
     ap.add_argument("--quick", action="store_true", help="fewer tokens, one request per client")
     ap.add_argument("--new-tokens", type=int, default=0, help="output tokens per request (default per model)")
     ap.add_argument("--requests-per-client", type=int, default=0, help="default 2 (--quick: 1)")
     ap.add_argument("--cell-timeout", type=float, default=240, help="seconds a level may take before it fails")
     ap.add_argument("--vllm-ready-timeout", type=float, default=600, help="seconds vLLM may take to start")
-    ap.add_argument("--vllm-args", default="", help='extra flags for vLLM\'s server, e.g. "--enforce-eager" (starts '
+    ap.add_argument("--vllm-args", default="", help='extra flags for vLLM\'s server, e.g. --vllm-args=--enforce-eager (starts '
                     'without compiling: a quick correctness check, not vLLM\'s speed)')
     ap.add_argument("--vllm-kv-gb", type=float, default=1, help="VLLM_CPU_KVCACHE_SPACE (GB, default 1)")
     args = ap.parse_args()
