@@ -6,8 +6,8 @@ int8, RTN int4, AWQ int4, KV int8 and KV int4; weights on disk and resident; KV 
 Quality does not depend on timing, so this runs on a busy machine as well as on a quiet one. The int4
 checkpoints are made with `minicoder quantize` (AWQ calibrated on the model's own training data) under
 --work; the raw results go to OUT/quality-*.json (default runs/bench/), and `--render` (or
-benchmarks/render.py) puts the table into docs/benchmarks.md. Widths that no int4 group size divides (the nano preset's 688) stay in float in the
-checkpoints (--skip) and int8 with --quantize int4; the table says which.
+benchmarks/render.py) puts the table into docs/benchmarks.md. Widths that no int4 group size divides (the
+nano preset's 688) stay in float in the checkpoints (--skip) and int8 with --quantize int4; the table says which.
 """
 
 from __future__ import annotations
