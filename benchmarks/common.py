@@ -217,7 +217,8 @@ def versions() -> dict:
 
 # --- options and results --------------------------------------------------------------------------------
 
-def add_common_args(ap: argparse.ArgumentParser) -> None:
+def add_common_args(ap: argparse.ArgumentParser, retries: bool = False) -> None:
+    """--out, --render, --doc, --threads, --wait-idle; --retries for scripts that redo disturbed measurements."""
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT,
                     help="directory for the raw JSON results (default runs/bench/)")
     ap.add_argument("--render", action="store_true",
@@ -227,6 +228,8 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
                     help="threads for every system measured (default: all cores)")
     ap.add_argument("--wait-idle", type=float, default=0,
                     help="seconds to wait at start for other processes to leave the CPU (default 0: do not wait)")
+    if not retries:
+        return
     ap.add_argument("--retries", type=int, default=2,
                     help=f"redo a measurement disturbed by other processes (>{100 * BUSY:.0f}%% CPU) this many times")
 

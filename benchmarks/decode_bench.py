@@ -196,7 +196,7 @@ def run_model(m: BenchModel, args, engine_args: list[str]) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(ap)
+    add_common_args(ap, retries=True)
     ap.add_argument("--models", default="demo,200M", help="comma-separated: demo, 200M")
     ap.add_argument("--formats", default=",".join(FORMATS), help=f"minicoder formats (default {','.join(FORMATS)})")
     ap.add_argument("--llama-types", default=",".join(LLAMA_TYPES), help="llama.cpp GGUF types (empty: none)")

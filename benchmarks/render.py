@@ -22,9 +22,9 @@ from pathlib import Path
 
 BENCHMARKS = {"decode": "Decode at batch 1", "serving": "Concurrent streaming clients",
               "profile": "Where minicoder's time goes", "train": "Training throughput",
-              "quality": "Compression: quality and size"}
+              "quality": "Compression: quality and size", "editor": "Editor session"}
 SCRIPTS = {"decode": "decode_bench.py", "serving": "serving_bench.py", "profile": "profile_bench.py",
-           "train": "train_throughput.py", "quality": "quant_quality.py"}
+           "train": "train_throughput.py", "quality": "quant_quality.py", "editor": "editor_session.py"}
 BUSY = 0.15  # the share of other processes' CPU above which a figure gets a dagger (common.BUSY)
 
 
@@ -231,8 +231,20 @@ def render_quality(d: dict) -> list[str]:
     return lines
 
 
+def render_editor(d: dict) -> list[str]:
+    r = d["results"]
+    lines = header(d) + [f"Model {r['model']}; {r['requests']} keystrokes, {r['n_predict']} tokens each, context "
+                         f"{r['ctx']}, repository context budget {r['context_tokens']} tokens, {r['threads']} threads.", ""]
+    llama = next((s for s in r["sessions"] if s["system"].startswith("llama-server") and s["ttfts"]), None)
+    rows = [[s["system"], f"{len(s['ttfts'])} ({s['failures']} failed)", fmt_ms(s["ttft_p50_ms"]),
+             fmt_ms(s["ttft_p99_ms"]), f"{100 * s['hit_rate']:.1f}%",
+             f"{s['ttft_p50_ms'] / llama['ttft_p50_ms']:.2f}x" if llama and s["ttfts"] else "-"] for s in r["sessions"]]
+    return lines + table(["system", "requests", "TTFT p50 ms", "TTFT p99 ms", "prefix-cache hit rate",
+                          "TTFT p50 vs llama-server"], rows)
+
+
 RENDERERS = {"decode": render_decode, "serving": render_serving, "profile": render_profile, "train": render_train,
-             "quality": render_quality}
+             "quality": render_quality, "editor": render_editor}
 
 
 def render(results: Path, doc: Path, only: list[str] | None = None) -> list[str]:

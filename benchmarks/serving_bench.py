@@ -163,7 +163,7 @@ def run_model(m: BenchModel, args, engine_args: list[str], skipped: dict) -> dic
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(ap)
+    add_common_args(ap, retries=True)
     ap.add_argument("--models", default="demo,200M", help="comma-separated: demo, 200M")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated: {', '.join(SYSTEMS)}")
     ap.add_argument("--levels", default="1,4,16", help="concurrent clients per level")
