@@ -28,6 +28,7 @@ TORCH_DTYPE = {"fp32": "float32", "bf16": "bfloat16"}
 GGUF_TYPE = {"fp32": "f32", "bf16": "bf16"}
 CTX_SLOT = 512  # llama-server context per slot (-c N*512); prompts + outputs stay under ~260 tokens
 MAX_MODEL_LEN = 1024
+BASELINE = "baseline FastAPI + transformers script (fp32)"
 
 
 def requests_for(kind: str, clients: int, per_client: int) -> int:
@@ -99,7 +100,7 @@ def run_baseline(m, args, env, log_dir):
     cmd = [PY, str(ROOT / "benchmarks" / "baseline_server.py"), str(m.path), "--port", str(port),
            "--threads", str(args.threads)]
     with Server("baseline-script", cmd, port, "/docs", env, log_dir) as server:
-        cells = levels("baseline", "baseline FastAPI + transformers script (fp32)", server, m, args, "fp32",
+        cells = levels("baseline", BASELINE, server, m, args, "fp32",
                        "1 request per client (serial server)")
         # the script's own route, unchanged protocol: one short request as a check that it answers
         r = httpx.post(f"http://127.0.0.1:{port}/", json={"prompt": "def add(a, b):", "history": [], "max_length": 4},
@@ -144,11 +145,13 @@ def run_model(m: BenchModel, args, engine_args: list[str], skipped: dict) -> dic
     for dtype in args.dtypes:
         at = {c["system"]: c for c in cells if c.get("clients") == top and c.get("dtype") == dtype and not c["error"]}
         ours = at.get(f"minicoder serve ({dtype})", {}).get("tok_s")
-        others = {s: c["tok_s"] for s, c in at.items() if s.startswith(("llama-server", "vLLM"))}
+        others = {s: c["tok_s"] for s, c in at.items() if s.startswith(("llama-server", "vLLM")) and ours}
         for s, v in others.items():
             ratios[f"{top} clients, minicoder {dtype} / {s}"] = ratio(ours, v)
         if others:
             ratios[f"{top} clients, minicoder {dtype} / best of llama-server and vLLM"] = ratio(ours, max(others.values()))
+        if ours and (base := at.get(BASELINE)):
+            ratios[f"{top} clients, minicoder {dtype} / baseline script (fp32)"] = ratio(ours, base["tok_s"])
         one = {c["system"]: c["first_text"] for c in cells if c.get("clients") == 1 and c.get("dtype") == dtype
                and not c["error"] and c.get("kind") != "baseline"}
         mine = one.pop(f"minicoder serve ({dtype})", None)
