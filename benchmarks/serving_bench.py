@@ -55,7 +55,7 @@ def run_minicoder(m, args, dtype, env, log_dir, engine_args):
     cmd = [PY, "-m", "minicoder", "serve", str(m.path), "--port", str(port), "--host", "127.0.0.1",
            "--max-num-seqs", str(max(args.levels)), "--max-model-len", str(MAX_MODEL_LEN), "--log-level", "warning",
            "--served-model-name", "bench", "--dtype", TORCH_DTYPE[dtype], *engine_args]
-    with Server(f"minicoder-{dtype}", cmd, port, "/health", env, log_dir) as server:
+    with Server(f"minicoder-{dtype}", cmd, port, "/health", env, log_dir, args.ready_timeout) as server:
         return levels("openai", f"minicoder serve ({dtype})", server, m, args, dtype)
 
 
@@ -68,7 +68,7 @@ def run_llama_server(m, args, dtype, env, log_dir):
             cmd = [str(LLAMA_BIN / "llama-server"), "-m", str(m.ggufs[qtype]), "--host", "127.0.0.1",
                    "--port", str(port), "-np", str(c), "-c", str(c * CTX_SLOT), "-t", str(args.threads),
                    "-tb", str(args.threads), "--no-webui"]
-            with Server(f"llama-server-{qtype}", cmd, port, "/health", env, log_dir) as server:
+            with Server(f"llama-server-{qtype}", cmd, port, "/health", env, log_dir, args.ready_timeout) as server:
                 one = argparse.Namespace(**{**vars(args), "levels": [c]})
                 cells += levels("llama", f"llama-server ({qtype})", server, m, one, dtype if qtype == GGUF_TYPE[dtype]
                                 else qtype)
@@ -99,7 +99,7 @@ def run_baseline(m, args, env, log_dir):
     port = free_port()
     cmd = [PY, str(ROOT / "benchmarks" / "baseline_server.py"), str(m.path), "--port", str(port),
            "--threads", str(args.threads)]
-    with Server("baseline-script", cmd, port, "/docs", env, log_dir) as server:
+    with Server("baseline-script", cmd, port, "/docs", env, log_dir, args.ready_timeout) as server:
         cells = levels("baseline", BASELINE, server, m, args, "fp32",
                        "1 request per client (serial server)")
         # the script's own route, unchanged protocol: one short request as a check that it answers
@@ -180,6 +180,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=0, help="output tokens per request (default per model)")
     ap.add_argument("--requests-per-client", type=int, default=0, help="default 2 (--quick: 1)")
     ap.add_argument("--cell-timeout", type=float, default=240, help="seconds a level may take before it fails")
+    ap.add_argument("--ready-timeout", type=float, default=240, help="seconds the other servers may take to start")
     ap.add_argument("--vllm-ready-timeout", type=float, default=600, help="seconds vLLM may take to start")
     ap.add_argument("--vllm-args", default="", help='extra flags for vLLM\'s server, e.g. --vllm-args=--enforce-eager (starts '
                     'without compiling: a quick correctness check, not vLLM\'s speed)')
