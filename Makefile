@@ -16,7 +16,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK = 1
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
-.PHONY: install browser demo test test-slow test-soak bench screenshots clean
+.PHONY: install browser demo test test-slow test-soak bench bench-setup screenshots clean
 
 $(BIN)/.installed: pyproject.toml
 	command -v cmake >/dev/null && command -v g++ >/dev/null || \
@@ -88,8 +88,21 @@ test-soak: install
 screenshots: install
 	MINICODER_UI_SCREENSHOTS=docs/ui $(BIN)/python -m pytest -q -rs tests/test_ui_browser.py
 
+# Benchmarks (docs/benchmarks.md; on a quiet machine): raw JSON under BENCH_OUT, then the doc's tables rendered
+# from it. bench-setup builds llama.cpp's servers and installs vLLM's CPU build in build/vllm-venv (not a dependency).
+# ENGINE_ARGS="--compile on" passes `minicoder serve` flags to every minicoder run.
+BENCH_OUT ?= runs/bench
+ENGINE_ARGS ?=
+bench-setup: install
+	benchmarks/setup_llamacpp.sh
+	benchmarks/setup_vllm.sh
+
 bench: install
-	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/train_throughput.py --out $(BENCH_OUT)
+	$(BIN)/python benchmarks/decode_bench.py --out $(BENCH_OUT) --engine-args="$(ENGINE_ARGS)"
+	$(BIN)/python benchmarks/serving_bench.py --out $(BENCH_OUT) --engine-args="$(ENGINE_ARGS)"
+	$(BIN)/python benchmarks/profile_bench.py --out $(BENCH_OUT) --engine-args="$(ENGINE_ARGS)"
+	$(BIN)/python benchmarks/render.py --results $(BENCH_OUT)
 
 # The shipped model's recipe, corpus to model card, resumable: `make model` again continues where it stopped.
 MODEL ?= runs/model

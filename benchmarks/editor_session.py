@@ -19,8 +19,8 @@ Aim: minicoder's TTFT p50 at most 0.5x llama-server's. Models and GGUF files are
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import os
 import statistics
 import sys
 import time
@@ -31,10 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from serve_bench import (LLAMA_BIN, PY, WORK, Server, ensure_gguf, ensure_random_llama,  # noqa: E402
-                         ensure_tokenizer, free_port)
+from common import LLAMA_BIN, PY, WORK, Run, add_common_args  # noqa: E402
+from models import SHAPES, ensure_gguf, ensure_random_llama, ensure_tokenizer  # noqa: E402
+from servers import Server, free_port  # noqa: E402
 
-from minicoder.model import ModelConfig  # noqa: E402
 from minicoder.server.repo_index import RepoIndex  # noqa: E402
 
 AIM = 0.5  # minicoder TTFT p50 <= 0.5x llama-server's
@@ -122,8 +122,7 @@ def prepare_model(args) -> Path:
     demo = ROOT / "runs" / "demo" / "final"
     if not args.random and (demo / "config.json").is_file() and (demo / "tokenizer.json").is_file():
         return demo
-    cfg = ModelConfig(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048)
+    cfg = dataclasses.replace(SHAPES["demo"], max_position_embeddings=2048)
     return ensure_random_llama(WORK / "editor-random", cfg, ensure_tokenizer(WORK))
 
 
@@ -133,12 +132,12 @@ def main():
     ap.add_argument("--n-predict", type=int, default=16, help="tokens per completion (default 16)")
     ap.add_argument("--context-tokens", type=int, default=512, help="repository context budget (default 512)")
     ap.add_argument("--ctx", type=int, default=2048, help="context length of both servers (default 2048)")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--qtype", default="f32", help="llama-server's GGUF type (default f32, minicoder's dtype)")
     ap.add_argument("--random", action="store_true", help="a random Llama of the nano shape even if runs/demo exists")
     ap.add_argument("--no-llama-server", action="store_true", help="minicoder only (smoke test)")
-    ap.add_argument("--json", type=Path, help="also write the results here")
+    add_common_args(ap)
     args = ap.parse_args()
+    run = Run("editor", args)
 
     WORK.mkdir(parents=True, exist_ok=True)
     model = prepare_model(args)
@@ -184,8 +183,10 @@ def main():
     if llama and llama.ttfts and sessions[0].ttfts:
         ratio = sessions[0].percentile(0.5) / llama.percentile(0.5)
         print(f"\naim: TTFT p50 <= {AIM}x llama-server's: {'met' if ratio <= AIM else 'missed'} ({ratio:.2f}x)")
-    if args.json:
-        args.json.write_text(json.dumps([{**s.__dict__, "hit_rate": s.hit_rate} for s in sessions], indent=1))
+    run.save({"model": str(model), "requests": args.requests, "n_predict": args.n_predict, "ctx": args.ctx,
+              "context_tokens": args.context_tokens, "qtype": args.qtype, "threads": args.threads,
+              "sessions": [{**s.__dict__, "hit_rate": s.hit_rate, "ttft_p50_ms": s.percentile(0.5) * 1e3,
+                            "ttft_p99_ms": s.percentile(0.99) * 1e3} for s in sessions]})
 
 
 if __name__ == "__main__":

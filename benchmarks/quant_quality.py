@@ -5,9 +5,9 @@ int8, RTN int4, AWQ int4, KV int8 and KV int4; weights on disk and resident; KV 
 
 Quality does not depend on timing, so this runs on a busy machine as well as on a quiet one. The int4
 checkpoints are made with `minicoder quantize` (AWQ calibrated on the model's own training data) under
---work; the JSON goes to --json and the table into docs/benchmarks.md (section "## Compression: quality
-and size"). Widths that no int4 group size divides (the nano preset's 688) stay in float in the
-checkpoints (--skip) and int8 with --quantize int4; the table says which.
+--work; the raw results go to OUT/quality-*.json (default runs/bench/), and `--render` (or
+benchmarks/render.py) puts the table into docs/benchmarks.md. Widths that no int4 group size divides (the
+nano preset's 688) stay in float in the checkpoints (--skip) and int8 with --quantize int4; the table says which.
 """
 
 from __future__ import annotations
@@ -16,23 +16,11 @@ import argparse
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SECTION = "## Compression: quality and size"
-
-
-def write_section(text: str, out: Path, section: str = SECTION) -> None:
-    """Replace (or append) `section` of the Markdown file `out`, up to the next "## " heading."""
-    existing = out.read_text() if out.exists() else "# Benchmarks\n\n"
-    start = existing.find(section + "\n")
-    if start >= 0:
-        end = existing.find("\n## ", start + 1)
-        existing = existing[:start] + existing[end + 1 if end >= 0 else len(existing):]
-    out.write_text(existing.rstrip("\n") + "\n\n" + text)
+from common import ROOT, Run, add_common_args
 
 
 def resident_bytes(model_dir: Path, **config) -> int:
@@ -74,16 +62,14 @@ def main() -> None:
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--max-windows", type=int, help="held-out windows (default: all)")
     ap.add_argument("--work", type=Path, default=ROOT / "build" / "quant_quality")
-    ap.add_argument("--json", type=Path, default=ROOT / "build" / "quant_quality" / "results.json")
-    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
-    ap.add_argument("--no-write", action="store_true")
+    add_common_args(ap)
     args = ap.parse_args()
+    run = Run("quality", args)
 
     from minicoder.engine.runner import kv_bytes_per_token
     from minicoder.eval.loss import heldout_loss
     from minicoder.model import ModelConfig
 
-    started = time.time()
     args.work.mkdir(parents=True, exist_ok=True)
     skip = indivisible(args.model, args.group_size)
     awq_dir, rtn_dir = args.work / "awq4", args.work / "rtn4"
@@ -111,34 +97,13 @@ def main() -> None:
                         "resident_bytes": resident_bytes(model_dir, **engine_options),
                         "kv_bytes_per_token": kv_bytes_per_token(cfg, dtype, kv), "windows": scores["windows"]})
         print(f"{name}: {scores['bits_per_byte']:.4f} bits/byte", flush=True)
-    base = results[0]["bits_per_byte"]
-    info = {"model": str(args.model), "data": str(args.data), "seconds": round(time.time() - started),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "awq_layer_errors": awq["layer_errors"],
-            "results": results}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(info, indent=2) + "\n")
-
-    mb = lambda b: "-" if b is None else f"{b / 1e6:.2f}"  # noqa: E731
-    lines = [SECTION, "",
-             f"`benchmarks/quant_quality.py --model {args.model} --data {args.data}` on {info['date']} "
-             f"({info['seconds']} s; {results[0]['windows']} held-out windows of the validation split). Bits per byte "
-             "of the held-out repositories (lower is better); weights on disk = the model directory's safetensors; "
-             "resident = what the serving engine holds (fused, packed for this CPU's kernels); KV bytes per token over "
-             "all layers.", "",
-             "| format | bits/byte | vs fp32 | weights on disk (MB) | resident (MB) | KV bytes/token | notes |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in results:
-        lines.append(f"| {r['format']} | {r['bits_per_byte']:.4f} | {100 * (r['bits_per_byte'] / base - 1):+.2f}% | "
-                     f"{mb(r['disk_bytes'])} | {mb(r['resident_bytes'])} | {r['kv_bytes_per_token']:,} | {r['note']} |")
+        r["vs_fp32_pct"] = 100 * (r["bits_per_byte"] / results[0]["bits_per_byte"] - 1)
     errors = awq["layer_errors"]
-    better = sum(g["awq_mse"] < g["rtn_mse"] for g in errors)
-    lines += ["", f"AWQ's scale search lowered the calibration output error against RTN in {better} of {len(errors)} "
-              f"Linear groups (total MSE {sum(g['awq_mse'] for g in errors):.3g} vs {sum(g['rtn_mse'] for g in errors):.3g}). "
-              "Aims: AWQ int4 within 2% of fp32 and better than RTN int4; KV int8 within 0.5%.", ""]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        write_section(text, args.out)
+    print(f"AWQ's scale search lowered the calibration output error against RTN in "
+          f"{sum(g['awq_mse'] < g['rtn_mse'] for g in errors)} of {len(errors)} Linear groups")
+    run.save({"model": str(args.model), "data": str(args.data), "group_size": args.group_size,
+              "calibration": awq["calibration"], "awq_layer_errors": errors, "formats": results})
     shutil.rmtree(args.work / ".tmp", ignore_errors=True)
 
 

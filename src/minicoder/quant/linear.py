@@ -11,7 +11,7 @@ fuses its matrices; the original layers then become slices of the fused one, so 
 
 Why these kernels and not torchao: torchao's CPU int4 weight-only layout (`Int4CPULayout`) wraps this same ATen
 int4 kernel, so it would add a dependency for the same code path; its int8 path was not compared (timings on
-this shared machine mean nothing; benchmarks/quant_speed.py measures ours against llama.cpp).
+this shared machine mean nothing; benchmarks/decode_bench.py measures ours against llama.cpp).
 """
 
 from __future__ import annotations

@@ -1,25 +1,25 @@
-"""Seed 001's FastAPI + transformers deployment (`api.py`), as a user would write it: the baseline that
-`benchmarks/serve_bench.py` compares minicoder's server against.
+"""A typical FastAPI + transformers deployment (one `api.py`), as a user would write it: the baseline that
+`benchmarks/serving_bench.py` compares minicoder's server against.
 
-    .venv/bin/python benchmarks/seed_server.py MODEL_DIR [--port 6006] [--dtype float32] [--threads 2]
+    .venv/bin/python benchmarks/baseline_server.py MODEL_DIR [--port 6006] [--dtype float32] [--threads 2]
 
-Faithful to the seed: `POST /` takes `{"prompt", "history", "max_length", "top_p", "top_k", "temperature",
-"repetition_penalty"}` with the seed's defaults (1024 new tokens, top_k 5, top_p 0.7, temperature 0.95,
+Faithful to the original script: `POST /` takes `{"prompt", "history", "max_length", "top_p", "top_k", "temperature",
+"repetition_penalty"}` with the original's defaults (1024 new tokens, top_k 5, top_p 0.7, temperature 0.95,
 repetition_penalty 1.1, sampling on), builds chat messages from the history, runs the transformers
 `pipeline("text-generation")` (that is, `model.generate`) inside the `async def` handler, and answers
 `{"response", "history", "status", "time"}`. The handler blocks the event loop while it generates, so the
-server runs one request at a time and concurrent requests queue, as the seed's do.
+server runs one request at a time and concurrent requests queue, as the original's do.
 
-What differs, and why (all for the benchmark; a request without the new fields behaves as the seed's):
-- CPU instead of CUDA, fp32 by default (this CPU has no AVX-512 BF16, so fp32 is its fast dtype; the seed
-  loads bf16 on a GPU); `torch_gc` is then a no-op, as it is in the seed on a machine without CUDA.
-- `history` may be absent (the seed crashes on `None`).
-- Two optional request fields, `do_sample` (default true, the seed's) and `min_new_tokens` (default none),
+What differs, and why (all for the benchmark; a request without the new fields behaves as the original's):
+- CPU instead of CUDA, fp32 by default (fp32 is the fast dtype of a CPU without bf16 in hardware; the
+  original loads bf16 on a GPU); `torch_gc` is then a no-op, as it is in the original on a machine without CUDA.
+- `history` may be absent (the original crashes on `None`).
+- Two optional request fields, `do_sample` (default true, the original's) and `min_new_tokens` (default none),
   so a benchmark can ask for greedy decoding and a fixed output length (`min_new_tokens == max_length`).
 - `POST /stream`: the same generation streamed token by token (server-sent events, one `data:` line per
-  token, then `data: [DONE]`), which is what a user adds to the seed to show text as it comes (transformers'
+  token, then `data: [DONE]`), which is what a user adds to such a script to show text as it comes (transformers'
   streamer API, generation in a thread). A global lock keeps it one request at a time, like `POST /`.
-- A tokenizer without a chat template gets the prompt as plain text (the seed's model has a template).
+- A tokenizer without a chat template gets the prompt as plain text (the original's model has a template).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ generate_lock = threading.Lock()  # one generation at a time, for /stream as for
 
 
 def torch_gc():
-    if torch.cuda.is_available():  # as in the seed; nothing to do on CPU
+    if torch.cuda.is_available():  # as in the original; nothing to do on CPU
         torch.cuda.empty_cache()
         torch.cuda.ipc_collect()
 
