@@ -108,6 +108,18 @@ class AsyncEngine:
                 self.engine.cancel(request_id)
                 self._wake.set()
 
+    def submit(self, prompt: str | list[int], params: SamplingParams | None, request_id: str,
+               outputs: asyncio.Queue) -> str:
+        """Submit a request whose outputs go onto `outputs`, a queue several requests may share (the n choices
+        of one API call: their consumer then wakes once per step for all of them). Raises QueueFull and
+        ValueError as `Engine.submit`. Outputs with finish_reason "error" are put like any other; a consumer
+        that stops early must `cancel` the requests it has not seen finish."""
+        self._ensure_loop()
+        request_id = self.engine.submit(prompt, params, request_id)
+        self._queues[request_id] = outputs
+        self._wake.set()
+        return request_id
+
     async def complete(self, prompt: str | list[int], params: SamplingParams | None = None) -> RequestOutput:
         """The final output of one request."""
         output = None
@@ -148,6 +160,6 @@ class AsyncEngine:
                 log.exception("an engine step failed; failing every request in it")
                 outputs = await loop.run_in_executor(self._executor, self.engine.fail_all, "the engine step failed")
             for out in outputs:
-                queue = self._queues.get(out.request_id)
+                queue = self._queues.pop(out.request_id, None) if out.finished else self._queues.get(out.request_id)
                 if queue is not None:
                     queue.put_nowait(out)

@@ -9,9 +9,11 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, Request
 
+from ..engine import RequestOutput
 from ..engine import TokenLogprob as EngineLogprob
 from .errors import APIError
 from .generation import Generation
@@ -21,6 +23,7 @@ from .protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatComple
 from .serving import Server, or_default, usage
 from .streaming import EventStream, sse, stream_error, until_disconnected
 
+PROMPT_ONLY_TOKENS = 1  # max_tokens 0: the engine samples once after the prompt; the token is dropped
 FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "abort"}
 ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 429)}
 
@@ -56,8 +59,13 @@ class OpenAIRoutes:
         n = or_default(body.n, 1)
         if body.best_of is not None and body.best_of != n:
             raise APIError("best_of must equal n (or be absent)", param="best_of", code="unsupported")
-        if body.echo and body.logprobs is not None:
-            raise APIError("echo with logprobs needs prompt log-probabilities, which this server does not compute",
+        # echo + logprobs: the prompt tokens' logprobs too (what evaluation harnesses score log-likelihoods by)
+        echo_logprobs = bool(body.echo) and body.logprobs is not None
+        prompt_only = body.max_tokens == 0
+        if prompt_only and not body.echo:
+            raise APIError("max_tokens 0 needs echo: true (it returns the prompt only)", param="max_tokens")
+        if echo_logprobs and body.suffix is not None:
+            raise APIError("echo with logprobs scores plain prompts, not fill-in-the-middle ones (suffix)",
                            param="echo", code="unsupported")
         count = len(body.prompt) if isinstance(body.prompt, list) and body.prompt and \
             not isinstance(body.prompt[0], int) else 1
@@ -68,50 +76,62 @@ class OpenAIRoutes:
             max_new = server.fit_context(prompt_ids, body.max_tokens, "prompt")
             if body.max_tokens is None:
                 max_new = min(max_new, server.settings.completion_max_tokens)
+            max_new = max_new or PROMPT_ONLY_TOKENS
             for _ in range(n):
                 seed = choice_seed(body.seed, len(requests))
-                requests.append((prompt_ids, server.sampling_params(body, max_new, seed, body.logprobs)))
+                requests.append((prompt_ids, server.sampling_params(body, max_new, seed, body.logprobs,
+                                                                    body.logprobs if echo_logprobs else None)))
                 groups.append(p)
                 echoes.append(text if body.echo else "")
         generation = Generation(server.engine, f"cmpl-{uuid.uuid4().hex}", requests, server.metrics, groups)
         await server.start(generation, "prompt")
         created = int(time.time())
+        shape = CompletionShape(echoes, body.logprobs, echo_logprobs, prompt_only)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return EventStream(self.completion_events(generation, created, echoes, body.logprobs, include_usage),
+            return EventStream(self.completion_events(generation, created, shape, include_usage),
                                on_close=generation.close)
         try:
             outputs = await until_disconnected(request, generation.results())
         finally:
             generation.close()
-        choices = [CompletionChoice(index=i, text=echoes[i] + out.text, finish_reason=FINISH_REASONS[out.finish_reason],
-                                    logprobs=self.completion_logprobs(out.logprobs, len(echoes[i]))
+        choices = [CompletionChoice(index=i, text=echoes[i] + ("" if prompt_only else out.text),
+                                    finish_reason="length" if prompt_only else FINISH_REASONS[out.finish_reason],
+                                    logprobs=self.completion_logprobs(shape.logprob_entries(generation, i, out, prompt=True, whole=True),
+                                                                      0 if echo_logprobs else len(echoes[i]))
                                     if body.logprobs is not None else None)
                    for i, out in enumerate(outputs)]
         return CompletionResponse(id=generation.id, created=created, model=server.settings.model_name, choices=choices,
-                                  usage=usage(generation))
+                                  usage=shape.usage(generation))
 
-    async def completion_events(self, generation: Generation, created: int, echoes: list[str],
-                                logprobs: int | None, include_usage: bool) -> AsyncIterator[str]:
+    async def completion_events(self, generation: Generation, created: int, shape: "CompletionShape",
+                                include_usage: bool) -> AsyncIterator[str]:
         def chunk(choices: list[CompletionChoice], usage_: Usage | None = None) -> str:
             return sse(CompletionResponse(id=generation.id, created=created, model=self.server.settings.model_name,
                                           choices=choices, usage=usage_))
 
-        offsets = [len(e) for e in echoes]  # text_offset of each choice's next token
+        echoes = list(shape.echoes)  # each choice's echo goes out with its first chunk
+        # text_offset of each choice's next token: the echoed prompt's tokens start at 0
+        offsets = [0 if shape.echo_logprobs else len(e) for e in echoes]
+        first = [True] * len(echoes)
         try:
             async for i, out in generation.stream():
-                text = out.delta_text
+                text = "" if shape.prompt_only else out.delta_text
                 if echoes[i]:
                     text, echoes[i] = echoes[i] + text, ""
                 lps = None
-                if logprobs is not None and out.delta_logprobs:
-                    lps = self.completion_logprobs(out.delta_logprobs, offsets[i])
-                    offsets[i] += sum(len(t) for t in lps.tokens)
-                finish = FINISH_REASONS[out.finish_reason] if out.finished else None
+                entries = shape.logprob_entries(generation, i, out, prompt=first[i], whole=False)
+                first[i] = False
+                if shape.logprobs is not None and entries:
+                    lps = self.completion_logprobs(entries, offsets[i])
+                    offsets[i] = lps.text_offset[-1] + self.server.token_width(entries[-1][0])
+                finish = None
+                if out.finished:
+                    finish = "length" if shape.prompt_only else FINISH_REASONS[out.finish_reason]
                 if text or lps or finish:
                     yield chunk([CompletionChoice(index=i, text=text, logprobs=lps, finish_reason=finish)])
             if include_usage:
-                yield chunk([], usage(generation))
+                yield chunk([], shape.usage(generation))
         except Exception as e:  # the engine failed mid-stream: the status line is sent, so say it in the stream
             yield stream_error(generation, e)
         finally:
@@ -212,16 +232,18 @@ class OpenAIRoutes:
         return out
 
     # --- outputs -----------------------------------------------------------------------------------
-    def completion_logprobs(self, logprobs: list[EngineLogprob] | None, offset: int) -> CompletionLogprobs:
-        token_text = self.server.token_text
-        tokens, offsets = [], []
-        for lp in logprobs or []:
-            tokens.append(token_text(lp.token_id))
+    def completion_logprobs(self, entries: list[tuple[int, EngineLogprob | None]], offset: int) -> CompletionLogprobs:
+        """(token id, its logprob or None) -> the legacy completions format, text offsets from `offset`."""
+        token_text, token_width = self.server.token_text, self.server.token_width
+        tokens, offsets, chosen, tops = [], [], [], []
+        for token_id, lp in entries:
+            tokens.append(token_text(token_id))
             offsets.append(offset)
-            offset += len(tokens[-1])
-        return CompletionLogprobs(
-            tokens=tokens, token_logprobs=[lp.logprob for lp in logprobs or []], text_offset=offsets,
-            top_logprobs=[{token_text(t): v for t, v in lp.top} for lp in logprobs or []])
+            offset += token_width(token_id)
+            chosen.append(None if lp is None else lp.logprob)
+            # Most likely first: of tokens that decode alike (pieces of one UTF-8 character) the likeliest stays.
+            tops.append(None if lp is None else {token_text(t): v for t, v in reversed(lp.top)})
+        return CompletionLogprobs(tokens=tokens, token_logprobs=chosen, text_offset=offsets, top_logprobs=tops)
 
     def chat_logprobs(self, logprobs: list[EngineLogprob] | None) -> ChatLogprobs:
         def top(token_id: int, logprob: float) -> TopLogprob:
@@ -231,6 +253,35 @@ class OpenAIRoutes:
         return ChatLogprobs(content=[TokenLogprob(**top(lp.token_id, lp.logprob).model_dump(),
                                                   top_logprobs=[top(t, v) for t, v in lp.top])
                                      for lp in logprobs or []])
+
+
+@dataclass
+class CompletionShape:
+    """What a completions response holds besides the generated text: each choice's echoed prompt, logprobs
+    (of the prompt too with echo), or the prompt only (max_tokens 0)."""
+
+    echoes: list[str]
+    logprobs: int | None
+    echo_logprobs: bool
+    prompt_only: bool
+
+    def logprob_entries(self, generation: Generation, index: int, out: RequestOutput, *, prompt: bool,
+                        whole: bool) -> list[tuple[int, EngineLogprob | None]]:
+        """(token id, logprob) of choice `index`: its prompt's (when `prompt` and echo asks for them), then
+        the generated tokens of `out`: all of them (`whole`), or the new ones (a stream's chunk)."""
+        entries = []
+        if prompt and self.echo_logprobs:
+            prompt_ids = generation.requests[index][0]
+            entries += zip(prompt_ids, out.prompt_logprobs or [None] * len(prompt_ids))
+        if not self.prompt_only:
+            entries += ((lp.token_id, lp) for lp in (out.logprobs if whole else out.delta_logprobs) or [])
+        return entries
+
+    def usage(self, generation: Generation) -> Usage:
+        counts = usage(generation)
+        if self.prompt_only:  # the one token the engine sampled after the prompt is dropped
+            counts.completion_tokens, counts.total_tokens = 0, counts.prompt_tokens
+        return counts
 
 
 def choice_seed(seed: int | None, index: int) -> int | None:

@@ -115,7 +115,7 @@ class Server:
         return max_tokens
 
     def sampling_params(self, body: SamplingFields, max_new_tokens: int, seed: int | None,
-                        logprobs: int | None) -> SamplingParams:
+                        logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
         if body.logit_bias:
             raise APIError("logit_bias is not supported by this server", param="logit_bias", code="unsupported")
         temperature = or_default(body.temperature, 1.0)
@@ -133,6 +133,7 @@ class Server:
             stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
             stop_token_ids=list(body.stop_token_ids or []),
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             seed=seed,
         )
         return self.validated(params)
