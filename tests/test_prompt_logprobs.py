@@ -98,6 +98,9 @@ def test_lm_eval_loglikelihood_request_on_token_ids_longer_than_a_prefill_chunk(
     assert_prompt_logprobs(lp, ids, expected, top_n=1, tokenizer=tokenizer)
     # Then the one generated (greedy) token: the most likely one after the prompt.
     assert len(lp["token_logprobs"]) == len(ids) + 1
+    echoed = r.json()["choices"][0]["text"]
+    assert lp["text_offset"][-1] == len(tokenizer.decode(ids, skip_special_tokens=True))  # the generated token's
+    assert echoed[lp["text_offset"][-1]:] == lp["tokens"][-1] or "\ufffd" in lp["tokens"][-1]
     assert lp["token_logprobs"][-1] == pytest.approx(expected[-1].max().item(), abs=TOLERANCE)
 
 
@@ -129,7 +132,10 @@ def test_streamed_echo_carries_the_prompt_logprobs_in_the_first_chunk(client, re
     assert len(merged["tokens"]) == len(ids) + 4
     assert_prompt_logprobs(merged, ids, reference(ids), top_n=1, tokenizer=tokenizer)
     whole = "".join(c["text"] for c in chunks)
-    assert merged["text_offset"] == sorted(merged["text_offset"]) and merged["text_offset"][-1] < len(whole)
+    assert merged["text_offset"] == sorted(merged["text_offset"]) and merged["text_offset"][len(ids)] == len(text)
+    for token, offset in zip(merged["tokens"], merged["text_offset"]):  # each offset points at its token's text
+        if token not in tokenizer.all_special_tokens and "\ufffd" not in token:
+            assert whole[offset : offset + len(token)] == token
 
 
 def test_bad_echo_requests_are_a_400_naming_the_field(client):

@@ -97,8 +97,8 @@ class OpenAIRoutes:
             generation.close()
         choices = [CompletionChoice(index=i, text=echoes[i] + ("" if prompt_only else out.text),
                                     finish_reason="length" if prompt_only else FINISH_REASONS[out.finish_reason],
-                                    logprobs=self.completion_logprobs(shape.logprob_entries(generation, i, out, prompt=True, whole=True),
-                                                                      0 if echo_logprobs else len(echoes[i]))
+                                    logprobs=self.choice_logprobs(*shape.logprob_entries(generation, i, out, prompt=True,
+                                                                                         whole=True), len(echoes[i]))
                                     if body.logprobs is not None else None)
                    for i, out in enumerate(outputs)]
         return CompletionResponse(id=generation.id, created=created, model=server.settings.model_name, choices=choices,
@@ -111,8 +111,7 @@ class OpenAIRoutes:
                                           choices=choices, usage=usage_))
 
         echoes = list(shape.echoes)  # each choice's echo goes out with its first chunk
-        # text_offset of each choice's next token: the echoed prompt's tokens start at 0
-        offsets = [0 if shape.echo_logprobs else len(e) for e in echoes]
+        offsets = [len(e) for e in echoes]  # text_offset of each choice's next generated token
         first = [True] * len(echoes)
         try:
             async for i, out in generation.stream():
@@ -120,11 +119,11 @@ class OpenAIRoutes:
                 if echoes[i]:
                     text, echoes[i] = echoes[i] + text, ""
                 lps = None
-                entries = shape.logprob_entries(generation, i, out, prompt=first[i], whole=False)
+                prompt_entries, generated = shape.logprob_entries(generation, i, out, prompt=first[i], whole=False)
                 first[i] = False
-                if shape.logprobs is not None and entries:
-                    lps = self.completion_logprobs(entries, offsets[i])
-                    offsets[i] = lps.text_offset[-1] + self.server.token_width(entries[-1][0])
+                if shape.logprobs is not None and (prompt_entries or generated):
+                    lps = self.choice_logprobs(prompt_entries, generated, offsets[i])
+                    offsets[i] += sum(self.server.token_width(token_id) for token_id, _ in generated)
                 finish = None
                 if out.finished:
                     finish = "length" if shape.prompt_only else FINISH_REASONS[out.finish_reason]
@@ -232,6 +231,14 @@ class OpenAIRoutes:
         return out
 
     # --- outputs -----------------------------------------------------------------------------------
+    def choice_logprobs(self, prompt_entries: list[tuple[int, EngineLogprob | None]],
+                        generated: list[tuple[int, EngineLogprob]], offset: int) -> CompletionLogprobs:
+        """The echoed prompt's tokens (offsets from 0, the start of the echoed text), then the generated ones
+        (offsets from `offset`, where the generated text starts)."""
+        prompt, new = self.completion_logprobs(prompt_entries, 0), self.completion_logprobs(generated, offset)
+        return CompletionLogprobs(**{field: getattr(prompt, field) + getattr(new, field)
+                                     for field in CompletionLogprobs.model_fields})
+
     def completion_logprobs(self, entries: list[tuple[int, EngineLogprob | None]], offset: int) -> CompletionLogprobs:
         """(token id, its logprob or None) -> the legacy completions format, text offsets from `offset`."""
         token_text, token_width = self.server.token_text, self.server.token_width
@@ -266,16 +273,16 @@ class CompletionShape:
     prompt_only: bool
 
     def logprob_entries(self, generation: Generation, index: int, out: RequestOutput, *, prompt: bool,
-                        whole: bool) -> list[tuple[int, EngineLogprob | None]]:
-        """(token id, logprob) of choice `index`: its prompt's (when `prompt` and echo asks for them), then
-        the generated tokens of `out`: all of them (`whole`), or the new ones (a stream's chunk)."""
-        entries = []
+                        whole: bool) -> tuple[list[tuple[int, EngineLogprob | None]], list[tuple[int, EngineLogprob]]]:
+        """(token id, logprob) pairs of choice `index`: its prompt's (when `prompt` and echo asks for them),
+        and the generated tokens of `out`: all of them (`whole`), or the new ones (a stream's chunk)."""
+        prompt_entries, generated = [], []
         if prompt and self.echo_logprobs:
             prompt_ids = generation.requests[index][0]
-            entries += zip(prompt_ids, out.prompt_logprobs or [None] * len(prompt_ids))
+            prompt_entries = list(zip(prompt_ids, out.prompt_logprobs or [None] * len(prompt_ids)))
         if not self.prompt_only:
-            entries += ((lp.token_id, lp) for lp in (out.logprobs if whole else out.delta_logprobs) or [])
-        return entries
+            generated = [(lp.token_id, lp) for lp in (out.logprobs if whole else out.delta_logprobs) or []]
+        return prompt_entries, generated
 
     def usage(self, generation: Generation) -> Usage:
         counts = usage(generation)
