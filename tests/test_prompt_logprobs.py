@@ -159,3 +159,13 @@ def test_engine_prompt_logprobs_survive_preemption_and_match(model_dir, referenc
         want = reference(prompt)[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
         assert len(out.prompt_logprobs) == len(prompt)
         assert torch.allclose(got, want, atol=TOLERANCE)
+
+
+def test_transformers_backend_prompt_logprobs_match(model_dir, reference):
+    """Models the native runner does not load run through transformers: chunked prompts there too."""
+    engine = Engine(model_dir, EngineConfig(backend="transformers", max_num_batched_tokens=CHUNK))
+    ids = engine.prompts.completion(SAMPLE_CODE)[: 2 * CHUNK + 7]
+    [out] = engine.generate([ids], SamplingParams(max_new_tokens=1, prompt_logprobs=0))
+    got = torch.tensor([lp.logprob for lp in out.prompt_logprobs[1:]])
+    want = reference(ids)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    assert out.prompt_logprobs[0] is None and torch.allclose(got, want, atol=TOLERANCE)

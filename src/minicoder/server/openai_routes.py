@@ -70,7 +70,7 @@ class OpenAIRoutes:
         count = len(body.prompt) if isinstance(body.prompt, list) and body.prompt and \
             not isinstance(body.prompt[0], int) else 1
         server.check_choices(count * n)  # before tokenizing any of the prompts
-        prompts = await asyncio.to_thread(self.completion_prompts, body)  # tokenizing off the event loop
+        prompts = await asyncio.to_thread(server.completion_prompts, body)  # tokenizing off the event loop
         requests, groups, echoes = [], [], []
         for p, (text, prompt_ids) in enumerate(prompts):
             max_new = server.fit_context(prompt_ids, body.max_tokens, "prompt")
@@ -195,40 +195,6 @@ class OpenAIRoutes:
         finally:
             generation.close()
         yield "data: [DONE]\n\n"
-
-    # --- prompts -----------------------------------------------------------------------------------
-    def completion_prompts(self, body: CompletionRequest) -> list[tuple[str, list[int]]]:
-        """(text, token ids) of each prompt."""
-        server = self.server
-        prompts = body.prompt
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        if not prompts:
-            raise APIError("the prompt list is empty", param="prompt")
-        for prompt in prompts:
-            if isinstance(prompt, str):
-                server.check_prompt_size(len(prompt) + len(body.suffix or ""), "prompt", "characters")
-            else:
-                server.check_prompt_size(len(prompt), "prompt", "tokens")
-                server.check_prompt_size(len(body.suffix or ""), "suffix", "characters")
-        out = []
-        for prompt in prompts:
-            if isinstance(prompt, str):
-                text = prompt
-            else:
-                vocab_size = server.engine.vocab_size
-                if any(t >= vocab_size for t in prompt):
-                    raise APIError(f"prompt token ids must be below the vocabulary size {vocab_size}", param="prompt")
-                text = server.tokenizer.decode(prompt, skip_special_tokens=True)
-            if body.suffix is not None:
-                files = [(f.filename, f.text) for f in body.input_extra or []]
-                reserve = or_default(body.max_tokens, server.settings.completion_max_tokens)
-                out.append((text, server.fim.prompt(text, body.suffix, files, reserve=reserve, cut_code=False).ids))
-            elif body.input_extra:
-                raise APIError("input_extra needs suffix (it is context for fill-in-the-middle)", param="input_extra")
-            else:
-                out.append((text, server.prompts.completion(prompt) if isinstance(prompt, str) else list(prompt)))
-        return out
 
     # --- outputs -----------------------------------------------------------------------------------
     def choice_logprobs(self, prompt_entries: list[tuple[int, EngineLogprob | None]],

@@ -28,7 +28,7 @@ from .errors import APIError
 from .generation import Generation
 from .limits import DEFAULT_MAX_BODY_BYTES
 from .metrics import ServerMetrics
-from .protocol import PromptTokensDetails, SamplingFields, Usage
+from .protocol import CompletionRequest, PromptTokensDetails, SamplingFields, Usage
 
 log = logging.getLogger("minicoder.server")
 
@@ -83,6 +83,38 @@ class Server:
         if name is not None and name != self.settings.model_name:
             raise APIError(f"the model {name!r} does not exist; this server serves {self.settings.model_name!r}",
                            param="model", status=404, code="model_not_found")
+
+    def completion_prompts(self, body: CompletionRequest) -> list[tuple[str, list[int]]]:
+        """(text, token ids) of each prompt of a completions request (text or token ids, FIM with `suffix`)."""
+        prompts = body.prompt
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not prompts:
+            raise APIError("the prompt list is empty", param="prompt")
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                self.check_prompt_size(len(prompt) + len(body.suffix or ""), "prompt", "characters")
+            else:
+                self.check_prompt_size(len(prompt), "prompt", "tokens")
+                self.check_prompt_size(len(body.suffix or ""), "suffix", "characters")
+        out = []
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                text = prompt
+            else:
+                vocab_size = self.engine.vocab_size
+                if any(t >= vocab_size for t in prompt):
+                    raise APIError(f"prompt token ids must be below the vocabulary size {vocab_size}", param="prompt")
+                text = self.tokenizer.decode(prompt, skip_special_tokens=True)
+            if body.suffix is not None:
+                files = [(f.filename, f.text) for f in body.input_extra or []]
+                reserve = or_default(body.max_tokens, self.settings.completion_max_tokens)
+                out.append((text, self.fim.prompt(text, body.suffix, files, reserve=reserve, cut_code=False).ids))
+            elif body.input_extra:
+                raise APIError("input_extra needs suffix (it is context for fill-in-the-middle)", param="input_extra")
+            else:
+                out.append((text, self.prompts.completion(prompt) if isinstance(prompt, str) else list(prompt)))
+        return out
 
     async def chat_prompt(self, messages: list[dict], param: str) -> list[int]:
         """The chat prompt's token ids, laid out and tokenized off the event loop (after a size check)."""
