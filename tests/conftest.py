@@ -70,8 +70,12 @@ def save_tiny_tokenizer(path: Path) -> Path:
     return path
 
 
-def save_tiny_llama(path: Path, context: int = 512, tie_word_embeddings: bool = False) -> Path:
-    """A tiny random stock-transformers Llama with the tiny tokenizer, in one model directory."""
+def save_tiny_llama(path: Path, context: int = 512, tie_word_embeddings: bool = False,
+                    initializer_range: float = 0.02) -> Path:
+    """A tiny random stock-transformers Llama with the tiny tokenizer, in one model directory. The default
+    init predicts nearly uniformly; `initializer_range=0.3` gives peaked predictions (top token ~0.2, not
+    1/400), so a logprob taken at the wrong position or from the wrong cache slot differs by far more than
+    float error."""
     import transformers
 
     save_tiny_tokenizer(path)
@@ -79,7 +83,7 @@ def save_tiny_llama(path: Path, context: int = 512, tie_word_embeddings: bool = 
     config = transformers.LlamaConfig(
         vocab_size=len(transformers.AutoTokenizer.from_pretrained(path)), hidden_size=64, intermediate_size=128,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
-        bos_token_id=0, eos_token_id=1, tie_word_embeddings=tie_word_embeddings)
+        bos_token_id=0, eos_token_id=1, tie_word_embeddings=tie_word_embeddings, initializer_range=initializer_range)
     transformers.LlamaForCausalLM(config).save_pretrained(path)
     return path
 

@@ -14,7 +14,8 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .engine import Engine, EngineConfig
+from .engine import Engine, EngineConfig, EngineStats
+from .prompts import PromptBuilder
 from .request import RequestFailed, RequestOutput
 from .sampling import SamplingParams
 
@@ -28,6 +29,52 @@ class AsyncEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
+
+    # --- what servers need to know about the model and the engine ------------------------------
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def prompts(self) -> PromptBuilder:
+        return self.engine.prompts
+
+    @property
+    def config(self) -> EngineConfig:
+        return self.engine.config
+
+    @property
+    def model_path(self) -> Path:
+        return self.engine.model_path
+
+    @property
+    def backend(self) -> str:
+        return self.engine.backend
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.vocab_size
+
+    @property
+    def max_request_tokens(self) -> int:
+        """Prompt + completion tokens one request may hold (the context, or less when the KV cache is smaller)."""
+        return self.engine.max_request_tokens
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        return self.engine.eos_token_ids
+
+    @property
+    def generated_tokens(self) -> int:
+        return self.engine.generated_tokens
+
+    @property
+    def num_parameters(self) -> int | None:
+        model = getattr(self.engine.runner, "model", None)
+        return sum(p.numel() for p in model.parameters()) if model is not None else None
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
 
     @classmethod
     def from_pretrained(cls, model_path: str | Path, config: EngineConfig | None = None) -> "AsyncEngine":
@@ -60,6 +107,18 @@ class AsyncEngine:
             if not finished:  # the consumer went away (client disconnect, cancelled task)
                 self.engine.cancel(request_id)
                 self._wake.set()
+
+    def submit(self, prompt: str | list[int], params: SamplingParams | None, request_id: str,
+               outputs: asyncio.Queue) -> str:
+        """Submit a request whose outputs go onto `outputs`, a queue several requests may share (the n choices
+        of one API call: their consumer then wakes once per step for all of them). Raises QueueFull and
+        ValueError as `Engine.submit`. Outputs with finish_reason "error" are put like any other; a consumer
+        that stops early must `cancel` the requests it has not seen finish."""
+        self._ensure_loop()
+        request_id = self.engine.submit(prompt, params, request_id)
+        self._queues[request_id] = outputs
+        self._wake.set()
+        return request_id
 
     async def complete(self, prompt: str | list[int], params: SamplingParams | None = None) -> RequestOutput:
         """The final output of one request."""
@@ -101,6 +160,6 @@ class AsyncEngine:
                 log.exception("an engine step failed; failing every request in it")
                 outputs = await loop.run_in_executor(self._executor, self.engine.fail_all, "the engine step failed")
             for out in outputs:
-                queue = self._queues.get(out.request_id)
+                queue = self._queues.pop(out.request_id, None) if out.finished else self._queues.get(out.request_id)
                 if queue is not None:
                     queue.put_nowait(out)

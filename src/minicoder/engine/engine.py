@@ -27,7 +27,7 @@ from ..errors import MinicoderError
 from .kv_cache import KVCacheManager, PrefixCacheStats
 from .prompts import PromptBuilder
 from .request import Request, RequestFailed, RequestOutput
-from .sampler import sample
+from .sampler import record_prompt_logprobs, sample
 from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .runner import SequenceChunk
@@ -144,9 +144,12 @@ class Engine:
         chunks = self.scheduler.schedule()
         if not chunks:
             return outputs
-        chunks, logits = self._forward(chunks, outputs)
+        chunks, sequences, logits = self._forward(chunks, outputs)
+        if any(s.all_logits for s in sequences):
+            logits = self._take_prompt_logprobs(chunks, sequences, logits, outputs)
+            chunks = [c for c in chunks if not c.request.finished]  # failed there: already removed
         self.scheduler.after_step(chunks)
-        sampling = [c.request for c in chunks if c.samples]
+        sampling = [c.request for c in chunks if c.samples and not c.request.finished]
         if not sampling:
             return outputs
         for request, token in zip(sampling, self._sample(logits, sampling)):
@@ -165,21 +168,22 @@ class Engine:
                 self._remove(request)
         return outputs
 
-    def _forward(self, chunks: list, outputs: list[RequestOutput]) -> tuple[list, torch.Tensor]:
-        """Logits for `chunks` in one batched forward; if that raises, each chunk alone, failing the
-        requests whose chunk raises again (the paged cache's K/V writes are simply redone by the retries)."""
+    def _forward(self, chunks: list, outputs: list[RequestOutput]) -> tuple[list, list[SequenceChunk], torch.Tensor]:
+        """Logits for `chunks` in one batched forward (as runner.forward orders them); if that raises, each
+        chunk alone, failing the requests whose chunk raises again (the paged cache's K/V writes are simply
+        redone by the retries). Returns the chunks that ran, what the runner was given for them, the logits."""
+        sequences = [self._sequence_chunk(c) for c in chunks]
         try:
-            return chunks, self.runner.forward([self._sequence_chunk(c) for c in chunks])
+            return chunks, sequences, self.runner.forward(sequences)
         except Exception:
             log.exception("a batched forward of %d chunks failed; retrying them one by one", len(chunks))
-        kept, rows = [], []
-        for chunk in chunks:
-            sequence = self._sequence_chunk(chunk)
+        kept, kept_sequences, rows = [], [], []
+        for chunk, sequence in zip(chunks, sequences):
             if self.backend == "transformers":  # its per-request cache may hold part of the failed step:
                 self.runner.release(chunk.request.id)  # recompute the request from its first token
                 r = chunk.request
                 sequence = SequenceChunk(r.id, r.token_ids[: chunk.start + chunk.num_tokens], 0, sequence.block_table,
-                                         chunk.samples)
+                                         chunk.samples, sequence.all_logits)
             try:
                 row = self.runner.forward([sequence])
             except Exception:
@@ -187,9 +191,27 @@ class Engine:
                 outputs.append(self._fail(chunk.request, "the model's forward pass failed"))
                 continue
             kept.append(chunk)
-            if chunk.samples:
+            kept_sequences.append(sequence)
+            if len(row):
                 rows.append(row)
-        return kept, torch.cat(rows) if rows else torch.empty(0)
+        return kept, kept_sequences, torch.cat(rows) if rows else torch.empty(0)
+
+    def _take_prompt_logprobs(self, chunks: list, sequences: list[SequenceChunk], logits: torch.Tensor,
+                              outputs: list[RequestOutput]) -> torch.Tensor:
+        """Record the prompt logprobs of the chunks that returned every row; the rows that sample stay."""
+        sample_rows, row = [], 0
+        for chunk, sequence in zip(chunks, sequences):
+            n = len(sequence.token_ids) if sequence.all_logits else int(sequence.wants_logits)
+            if sequence.all_logits:
+                try:
+                    record_prompt_logprobs(chunk.request, sequence.start, logits[row : row + n])
+                except Exception:
+                    log.exception("request %s: prompt logprobs failed", chunk.request.id)
+                    outputs.append(self._fail(chunk.request, "computing prompt logprobs failed"))
+            if sequence.wants_logits and not chunk.request.finished:
+                sample_rows.append(row + n - 1)
+            row += n
+        return logits[sample_rows]
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int | None]:
         """One token per request; a request whose sampling raises gets None. The others are resampled
@@ -216,7 +238,7 @@ class Engine:
 
     def _sequence_chunk(self, c) -> SequenceChunk:
         return SequenceChunk(c.request.id, c.request.token_ids[c.start : c.start + c.num_tokens], c.start,
-                             self.kv.block_table(c.request), c.samples)
+                             self.kv.block_table(c.request), c.samples, c.request.needs_prompt_logits)
 
     def _fail(self, request: Request, reason: str) -> RequestOutput:
         """End one request with finish_reason "error"; its blocks are freed, the batch goes on."""

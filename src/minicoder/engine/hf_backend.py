@@ -50,9 +50,11 @@ class TransformersRunner:
                 cache_position=positions,
                 past_key_values=cache,
                 use_cache=True,
-                logits_to_keep=1,
+                logits_to_keep=0 if chunk.all_logits else 1,  # 0: every position's
             )
             self.caches[chunk.request_id] = out.past_key_values
-            if chunk.wants_logits:
-                rows.append(out.logits[0, -1])
-        return torch.stack(rows) if rows else torch.empty(0)
+            if chunk.all_logits:
+                rows.append(out.logits[0])
+            elif chunk.wants_logits:
+                rows.append(out.logits[0, -1:])
+        return torch.cat(rows) if rows else torch.empty(0)

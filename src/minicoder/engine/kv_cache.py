@@ -60,8 +60,9 @@ class KVCacheManager:
         """The longest run of the prompt's full blocks already in the cache.
 
         At least one token is always left to compute, because the last one's logits start generation.
+        A request that asks for prompt logprobs reuses nothing: every prompt position needs its logits.
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or request.params.prompt_logprobs is not None:
             return []
         self._extend_block_hashes(request)
         limit = (len(request.token_ids) - 1) // self.block_size

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from dataclasses import dataclass, field
@@ -46,6 +47,9 @@ class RequestOutput:
     cached_tokens: int  # prompt tokens whose keys/values came from the prefix cache
     time_to_first_token: float | None  # seconds from submit to the first generated token
     error: str | None = None  # with finish_reason "error": what failed (details are in the log)
+    # With params.prompt_logprobs: one entry per prompt token, None for the first (nothing predicts it);
+    # complete once the prefill is done.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class PenaltyState:
@@ -93,6 +97,14 @@ class Request:
         self.finish_reason: FinishReason | None = None
         self.error: str | None = None
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
+        if params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]  # filled up to num_prompt_tokens as the prefill runs
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """Prompt positions still lack their logprobs: the runner must return every row of this request's chunks."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
     @property
     def finished(self) -> bool:
@@ -152,4 +164,15 @@ class Request:
             cached_tokens=self.num_cached_tokens,
             time_to_first_token=ttft,
             error=self.error,
+            prompt_logprobs=self.prompt_logprobs,
         )
+
+
+def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """Two successive outputs of one request as one: the later state, with both steps' deltas."""
+    delta_logprobs = None
+    if later.delta_logprobs is not None:
+        delta_logprobs = (earlier.delta_logprobs or []) + later.delta_logprobs
+    return dataclasses.replace(later, delta_text=earlier.delta_text + later.delta_text,
+                               delta_token_ids=earlier.delta_token_ids + later.delta_token_ids,
+                               delta_logprobs=delta_logprobs)

@@ -37,6 +37,7 @@ class SequenceChunk:
     start: int  # position of token_ids[0]; positions before it are in the cache
     block_table: list[int]
     wants_logits: bool  # the last token's logits give the next token
+    all_logits: bool = False  # every token's logits (prompt logprobs), not only the last one's
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
@@ -215,7 +216,8 @@ class PagedLlamaRunner:
 
     @torch.inference_mode()
     def forward(self, chunks: list[SequenceChunk]) -> torch.Tensor:
-        """Logits (one row per chunk that wants them, in chunk order) after writing every chunk's K/V."""
+        """Logits after writing every chunk's K/V, in chunk order: a row per token of an `all_logits` chunk,
+        one row (its last token's) for each other chunk that wants logits."""
         bs = self.block_size
         # Decodes first, so they are rows 0..B-1 of the step.
         order = sorted(range(len(chunks)), key=lambda i: len(chunks[i].token_ids) > 1)
@@ -257,7 +259,12 @@ class PagedLlamaRunner:
             gate_up = _project(h, w.gate_up)
             gate, up = gate_up.chunk(2, dim=-1)
             x = _add_projection(x, F.silu(gate) * up, w.down)
-        rows = [last_row[i] for i, c in enumerate(chunks) if c.wants_logits]
+        rows = []
+        for i, c in enumerate(chunks):
+            if c.all_logits:
+                rows += range(last_row[i] - len(c.token_ids) + 1, last_row[i] + 1)
+            elif c.wants_logits:
+                rows.append(last_row[i])
         if len(rows) < T:
             x = x[rows]
         return rms_norm(x, self.final_norm, cfg.rms_norm_eps) @ self.lm_head

@@ -39,6 +39,27 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[int]:
     return tokens
 
 
+def record_prompt_logprobs(request: Request, start: int, logits: torch.Tensor):
+    """Append the prompt logprobs that `logits` (one row per token from position `start`) give: row j
+    predicts the token at start + j + 1. Positions already recorded (a chunk recomputed after preemption)
+    are skipped, and positions past the prompt are the sampler's."""
+    recorded = request.prompt_logprobs
+    first, last = len(recorded), min(request.num_prompt_tokens - 1, start + len(logits))  # positions, inclusive
+    if last < first:
+        return
+    if first <= start:  # the positions between would have no logprobs (a cached prefix was reused)
+        raise RuntimeError(f"prompt logprobs recorded up to {first}, but this chunk starts at {start}")
+    logprobs = logits[first - start - 1 : last - start].float().log_softmax(dim=-1)
+    targets = torch.tensor(request.token_ids[first : last + 1])
+    chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+    top_n = request.params.prompt_logprobs
+    tops = [[] for _ in chosen]
+    if top_n > 0:
+        values, ids = logprobs.topk(top_n, dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    recorded += [TokenLogprob(t, c, top) for t, c, top in zip(targets.tolist(), chosen, tops)]
+
+
 def apply_penalties(row: torch.Tensor, request: Request) -> torch.Tensor:
     """Repetition penalty over prompt + output (transformers/CTRL), presence and frequency over the output (OpenAI)."""
     p, state = request.params, request.penalties

@@ -38,6 +38,9 @@ class SamplingParams:
     stop: list[str] | str = field(default_factory=list)  # stop strings; the text ends before the first one
     stop_token_ids: list[int] = field(default_factory=list)
     logprobs: int | None = None  # None: off; N: the chosen token's logprob and the N most likely
+    # None: off; N: the same for every prompt token after the first, computed during prefill (such a
+    # request does not reuse the prefix cache: cached positions would have no logits)
+    prompt_logprobs: int | None = None
 
     def validate(self, vocab_size: int | None = None):
         """Raise ValueError (message starting with the field's name) for anything the sampler cannot honour.
@@ -72,9 +75,10 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
-        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
-                                          or not 0 <= self.logprobs <= 20):
-            raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 20):
+                raise ValueError(f"{name} must be in [0, 20], got {value}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not -(1 << 63) <= self.seed < 1 << 64):
             raise ValueError(f"seed must be a 64-bit integer, got {self.seed!r}")

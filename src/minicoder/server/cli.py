@@ -104,7 +104,7 @@ def run_serve(args: argparse.Namespace):
                                             repo_context_tokens=args.repo_context_tokens,
                                             max_body_bytes=int(args.max_body_mb * (1 << 20))))
     log.info("serving %s as %r on http://%s:%d (backend %s, context %d tokens)%s", args.model, name, args.host,
-             args.port, engine.engine.backend, engine.engine.max_request_tokens,
+             args.port, engine.backend, engine.max_request_tokens,
              "; API key required" if key else "")
     log.info("web UI: http://%s:%d/ (open it in a browser)", args.host, args.port)
     uvicorn.Server(uvicorn_config(app, header_timeout=args.header_timeout, max_connections=args.max_connections,

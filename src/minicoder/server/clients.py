@@ -28,7 +28,7 @@ def fim_context(prompts, context: int, settings, max_chars: int | None = None) -
 
 
 def include_client_routers(app: FastAPI, server):
-    from . import llamacpp, ollama, tabby, tokenizer_routes  # they import app.py's helpers: load after it
+    from . import llamacpp, ollama, tabby, tokenizer_routes  # here, not at the top: tabby.py imports this module
 
     for module in (llamacpp, ollama, tabby, tokenizer_routes):
         app.include_router(module.router(server))

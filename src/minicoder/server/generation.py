@@ -17,7 +17,8 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from ..engine import AsyncEngine, RequestOutput, SamplingParams
+from ..engine import AsyncEngine, RequestFailed, RequestOutput, SamplingParams
+from ..engine.request import merge_outputs
 from .metrics import ServerMetrics
 
 log = logging.getLogger("minicoder.server")
@@ -34,10 +35,11 @@ class Generation:
         self.metrics = metrics
         self.prompt_groups = prompt_groups or list(range(len(requests)))
         self.engine_ids = [f"{request_id}-{i}" for i in range(len(requests))]
+        self._index = {engine_id: i for i, engine_id in enumerate(self.engine_ids)}
         self.latest: list[RequestOutput | None] = [None] * len(requests)
         self.arrival = time.perf_counter()
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._tasks: list[asyncio.Task] = []
+        self._outputs: asyncio.Queue = asyncio.Queue()  # every choice's engine outputs, step by step
+        self._submitted = 0
         self._closed = False
         self.failed = False  # the engine raised while generating
 
@@ -45,26 +47,20 @@ class Generation:
     async def start(self):
         """Submit every choice to the engine. Raises what submit raises (QueueFull, ValueError), with
         nothing left running."""
-        for i, (prompt_ids, params) in enumerate(self.requests):
-            task = asyncio.create_task(self._pump(i, self.engine.generate(prompt_ids, params, self.engine_ids[i])))
-            task.add_done_callback(self._on_pump_done)
-            self._tasks.append(task)
-        # Each task runs up to its first wait on the engine: by then its request is submitted, or
-        # submit has raised (AsyncEngine.generate submits before it first waits).
-        await asyncio.sleep(0)
-        for task in self._tasks:
-            if task.done() and not task.cancelled() and task.exception() is not None:
-                error = task.exception()
-                self.close(log_line=False)
-                raise error
+        try:
+            for i, (prompt_ids, params) in enumerate(self.requests):
+                self.engine.submit(prompt_ids, params, self.engine_ids[i], self._outputs)
+                self._submitted += 1
+        except Exception:
+            self.close(log_line=False)
+            raise
 
     def close(self, log_line: bool = True):
         """Cancel unfinished choices (their KV blocks are freed at the next engine step); log the request once."""
         if self._closed:
             return
         self._closed = True
-        for i, task in enumerate(self._tasks):
-            task.cancel()
+        for i in range(self._submitted):
             if not self._finished(i):
                 self.engine.cancel(self.engine_ids[i])
         if log_line:
@@ -72,14 +68,25 @@ class Generation:
 
     # --- outputs -----------------------------------------------------------------------------------
     async def stream(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """(choice index, output) as the engine produces them, all choices merged, until all finish."""
+        """(choice index, output) as the engine produces them, all choices merged, until all finish.
+
+        Whatever is queued when the consumer wakes is taken at once, and a choice's outputs merged into one
+        (text and tokens joined): a consumer that falls behind the engine catches up in one write per choice
+        instead of one per token."""
         while not all(self._finished(i) for i in range(len(self.requests))):
-            index, item = await self._queue.get()
-            if isinstance(item, BaseException):
-                self.failed = True
-                raise item
-            self.latest[index] = item
-            yield index, item
+            batch = [await self._outputs.get()]
+            while not self._outputs.empty():
+                batch.append(self._outputs.get_nowait())
+            merged: dict[int, RequestOutput] = {}
+            for out in batch:
+                index = self._index[out.request_id]
+                merged[index] = merge_outputs(merged[index], out) if index in merged else out
+            for index, out in merged.items():
+                if out.finish_reason == "error":
+                    self.failed = True
+                    raise RequestFailed(f"request {out.request_id}: {out.error}")
+                self.latest[index] = out
+                yield index, out
 
     async def results(self) -> list[RequestOutput]:
         """The final output of every choice."""
@@ -99,18 +106,9 @@ class Generation:
         return sum(prompt.values()), completion, cached
 
     # --- internals ---------------------------------------------------------------------------------
-    async def _pump(self, index: int, outputs: AsyncIterator[RequestOutput]):
-        async for out in outputs:
-            self._queue.put_nowait((index, out))
-
-    def _on_pump_done(self, task: asyncio.Task):
-        if not task.cancelled() and task.exception() is not None:
-            self._queue.put_nowait((self._tasks.index(task), task.exception()))
-
     def _finished(self, index: int) -> bool:
         out = self.latest[index]
         return out is not None and out.finished
-
     def _record(self):
         unfinished = "error" if self.failed else "abort"  # abort: the client went away
         reasons = [out.finish_reason if out is not None and out.finished and out.finish_reason != "cancelled"

@@ -32,7 +32,7 @@ from fastapi.responses import JSONResponse
 from pydantic import Field
 
 from ..engine import RequestOutput, SamplingParams
-from .app import EventStream, stream_error, until_disconnected
+from .streaming import EventStream, stream_error, until_disconnected
 from .errors import APIError
 from .generation import Generation
 from .protocol import ExtraFile, StrictModel, Text
@@ -137,7 +137,7 @@ def pick_fields(body: dict, paths: list[str]) -> dict:
 
 
 def router(server) -> APIRouter:
-    """The /infill route over `server` (the app's `_Server`: engine, prompts, settings, limits)."""
+    """The /infill route over `server` (serving.Server: engine, prompts, settings, limits)."""
     api = APIRouter(tags=["llama.cpp"], dependencies=[Depends(server.api_key_checker())])
 
     @api.post("/infill", summary="Fill in the middle (llama.cpp's server API, for llama.vim / llama.vscode)")
@@ -248,7 +248,7 @@ class Infill:
         prompt_ms, predicted_ms = ttft * 1000, max(now - generation.arrival - ttft, 0.0) * 1000
         stop_type = "limit"  # n_predict reached, or ended by n_indent / t_max_predict_ms
         if not self.guard.ended and out is not None and out.finish_reason == "stop":
-            eos = self.server.engine.engine.eos_token_ids
+            eos = self.server.engine.eos_token_ids
             stop_type = "eos" if out.token_ids and out.token_ids[-1] in eos else "word"
         processed = prompt_n - cached
         return {

@@ -38,7 +38,7 @@ from fastapi.routing import APIRoute
 from pydantic import Field, field_validator
 
 from ..engine import RequestOutput, SamplingParams
-from .app import EventStream, until_disconnected
+from .streaming import EventStream, until_disconnected
 from .errors import APIError, field_path
 from .generation import Generation
 from .protocol import StrictModel, Text
@@ -236,7 +236,7 @@ def router(server) -> APIRouter:
             raise APIError("model is required", param="model")
         ollama.check_model(name)
         facts = ollama.facts
-        return {"modelfile": f"# served by minicoder\nFROM {server.engine.engine.model_path}\n", "parameters": "",
+        return {"modelfile": f"# served by minicoder\nFROM {server.engine.model_path}\n", "parameters": "",
                 "template": ollama.template(), "details": facts.details(),
                 "model_info": facts.model_info(), "capabilities": facts.capabilities,
                 "modified_at": facts.modified_at}
@@ -255,7 +255,7 @@ def router(server) -> APIRouter:
 class Ollama:
     def __init__(self, server):
         self.server = server
-        engine = server.engine.engine
+        engine = server.engine
         dtype = engine.config.dtype if isinstance(engine.config.dtype, str) else str(engine.config.dtype).split(".")[-1]
         self.facts = ModelFacts(engine.model_path, dtype, server.context, server.prompts.fim_format is not None)
 

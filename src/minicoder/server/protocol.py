@@ -109,7 +109,10 @@ class CompletionRequest(SamplingFields):
     suffix: Text | None = Field(None, description="Text after the hole: fill-in-the-middle with the model's FIM tokens.")
     input_extra: list[ExtraFile] | None = Field(None, description="With suffix: other files of the repository, "
                                                 "put before the code in the prompt (most relevant last).")
-    echo: bool | None = Field(None, description="Put the prompt before each choice's text.")
+    max_tokens: int | None = Field(None, ge=0, description="Most tokens to generate; prompt + max_tokens must fit "
+                                   "the context; 0 (with echo) returns the prompt and its logprobs only.")
+    echo: bool | None = Field(None, description="Put the prompt before each choice's text; with logprobs, the "
+                              "prompt tokens' logprobs come first (the first token's is null).")
     logprobs: int | None = Field(None, ge=0, le=20, description="Log-probabilities of the chosen tokens and the "
                                  "`logprobs` most likely ones.")
     best_of: int | None = Field(None, ge=1, description="Only best_of = n is supported.")
@@ -180,8 +183,8 @@ class Usage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # None: the prompt's first token (with echo), which nothing predicts
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 

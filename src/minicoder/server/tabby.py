@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 
 from .. import __version__
 from ..engine import SamplingParams
-from .app import until_disconnected
+from .streaming import until_disconnected
 from .clients import TABBY_COMPLETIONS
 from .errors import APIError
 from .generation import Generation

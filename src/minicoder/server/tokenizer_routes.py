@@ -76,7 +76,7 @@ def router(server) -> APIRouter:
     @api.post("/detokenize", response_model=DetokenizeResponse, summary="Token ids to text (vLLM's API)")
     async def detokenize(body: DetokenizeRequest):
         server.check_model(body.model)
-        vocab_size = server.engine.engine.vocab_size
+        vocab_size = server.engine.vocab_size
         bad = next((i for i, t in enumerate(body.tokens) if t >= vocab_size), None)
         if bad is not None:
             raise APIError(f"token id {body.tokens[bad]} is not below the vocabulary size {vocab_size}",
@@ -90,7 +90,7 @@ def router(server) -> APIRouter:
         return {"tokenizer_class": type(tokenizer).__name__, **{k: str(v) if v is not None else None
                                                                  for k, v in special.items()},
                 "chat_template": server.prompts.chat_template or None, "model_max_length": server.context,
-                "vocab_size": server.engine.engine.vocab_size,
+                "vocab_size": server.engine.vocab_size,
                 "additional_special_tokens": list(getattr(tokenizer, "additional_special_tokens", []) or [])}
 
     return api

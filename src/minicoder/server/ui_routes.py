@@ -59,13 +59,11 @@ def install_ui(app: FastAPI):
 
 def server_info(server, app: FastAPI) -> dict:
     """What the model panel shows: the served model, its training, its sampling defaults, the server's limits."""
-    engine = server.engine.engine
+    engine = server.engine
     path = engine.model_path
     config = _read_json(path / "config.json")
     training = _read_json(path / "minicoder.json")
     generation = _read_json(path / "generation_config.json")
-    model = getattr(engine.runner, "model", None)
-    parameters = sum(p.numel() for p in model.parameters()) if model is not None else None
     dtype = engine.config.dtype
     from_model = {k: generation[k] for k in GENERATION_CONFIG_KEYS if k in generation}
     return {
@@ -76,7 +74,7 @@ def server_info(server, app: FastAPI) -> dict:
             "id": server.settings.model_name,
             "path": str(path.resolve()),
             "architecture": (config.get("architectures") or [config.get("model_type")])[0],
-            "parameters": parameters,
+            "parameters": engine.num_parameters,
             "context_length": server.context,
             "dtype": str(dtype).removeprefix("torch."),
             "quantization": config.get("quantization_config", {}).get("quant_method")
