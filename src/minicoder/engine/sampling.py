@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .guided import GuidedDecoding
+
 # Bounds of what a request may ask for. Beyond them the sampler's arithmetic overflows (a repetition
 # penalty of 1e-40 turns logits into inf, then NaN probabilities) or the per-token cost grows with the
 # request (every stop string is checked on every token), so they are refused at submit time.
@@ -38,6 +40,7 @@ class SamplingParams:
     stop: list[str] | str = field(default_factory=list)  # stop strings; the text ends before the first one
     stop_token_ids: list[int] = field(default_factory=list)
     logprobs: int | None = None  # None: off; N: the chosen token's logprob and the N most likely
+    guided: GuidedDecoding | None = None  # the output must match this JSON schema / grammar (engine/guided.py)
 
     def validate(self, vocab_size: int | None = None):
         """Raise ValueError (message starting with the field's name) for anything the sampler cannot honour.

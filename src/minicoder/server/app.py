@@ -11,7 +11,8 @@ prompt token ids + `SamplingParams`, and engine outputs into JSON or server-sent
   POST /                      prompt + history chat (the DeepSeek-Coder FastAPI tutorial's API): {"prompt", "history"} -> {"response", "history", "status", "time"}
   GET  /v1/models             the served model
   POST /v1/completions        completion, fill-in-the-middle (`suffix`), n, stop, seed, logprobs, echo, stream
-  POST /v1/chat/completions   chat through the model's chat template, n, stop, seed, logprobs, stream
+  POST /v1/chat/completions   chat through the model's chat template, n, stop, seed, logprobs, stream, tools
+  (both: response_format, constrained decoding; server/structured.py, server/tool_calls.py)
   GET  /health, GET /metrics  liveness; Prometheus text
   + the editor and harness APIs (llama.cpp /infill, Ollama /api/*, Tabby, vLLM /tokenize): server/clients.py
 """
@@ -35,7 +36,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
-from ..engine import AsyncEngine, QueueFull, SamplingParams
+from ..engine import AsyncEngine, GuidedDecoding, QueueFull, SamplingParams
 from ..engine import TokenLogprob as EngineLogprob
 from .cli import configure_serve_parser, run_serve  # noqa: F401  (`minicoder serve`, re-exported)
 from .clients import fim_context, include_client_routers
@@ -43,6 +44,8 @@ from .errors import APIError, install_error_handlers, log_internal_error
 from .generation import Generation
 from .limits import DEFAULT_MAX_BODY_BYTES, BodySizeLimit
 from .metrics import ServerMetrics
+from .structured import checked, guided_from_response_format
+from .tool_calls import ToolCallDelta, ToolCallStream, ToolError, ToolPlan, render_messages
 from .ui_routes import install_ui
 from .protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChatLogprobs, CompletionChoice, CompletionLogprobs, CompletionRequest,
@@ -214,6 +217,7 @@ class _Server:
         count = len(body.prompt) if isinstance(body.prompt, list) and body.prompt and \
             not isinstance(body.prompt[0], int) else 1
         self.check_choices(count * n)  # before tokenizing any of the prompts
+        guided = await checked(self.engine, guided_from_response_format(body.response_format))
         prompts = await asyncio.to_thread(self.completion_prompts, body)  # tokenizing off the event loop
         requests, groups, echoes = [], [], []
         for p, (text, prompt_ids) in enumerate(prompts):
@@ -222,7 +226,7 @@ class _Server:
                 max_new = min(max_new, self.settings.completion_max_tokens)
             for _ in range(n):
                 seed = choice_seed(body.seed, len(requests))
-                requests.append((prompt_ids, self.sampling_params(body, max_new, seed, body.logprobs)))
+                requests.append((prompt_ids, self.sampling_params(body, max_new, seed, body.logprobs, guided)))
                 groups.append(p)
                 echoes.append(text if body.echo else "")
         generation = Generation(self.engine, f"cmpl-{uuid.uuid4().hex}", requests, self.metrics, groups)
@@ -273,52 +277,62 @@ class _Server:
     # --- POST /v1/chat/completions -----------------------------------------------------------------
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         self.check_model(body.model)
-        if body.tools:
-            raise APIError("tools are not supported by this server", param="tools", code="unsupported")
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError("top_logprobs needs logprobs: true", param="top_logprobs")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        prompt_ids = await self.chat_prompt(messages, param="messages")
+        plan, guided = await self.chat_constraints(body)
+        prompt_ids = await self.chat_prompt(render_messages(body.messages, plan), param="messages")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         max_new = self.fit_context(prompt_ids, max_tokens, "messages", param)
         n = _or(body.n, 1)
         logprobs = _or(body.top_logprobs, 0) if body.logprobs else None
-        requests = [(prompt_ids, self.sampling_params(body, max_new, choice_seed(body.seed, i), logprobs))
+        requests = [(prompt_ids, self.sampling_params(body, max_new, choice_seed(body.seed, i), logprobs, guided))
                     for i in range(n)]
         generation = Generation(self.engine, f"chatcmpl-{uuid.uuid4().hex}", requests, self.metrics, [0] * n)
         await self.start(generation, "messages")
         created = int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return EventStream(self.chat_events(generation, created, n, logprobs is not None, include_usage),
+            return EventStream(self.chat_events(generation, created, n, logprobs is not None, include_usage, plan),
                                on_close=generation.close)
         try:
             outputs = await until_disconnected(request, generation.results())
         finally:
             generation.close()
-        choices = [ChatChoice(index=i, message=AssistantMessage(content=out.text),
-                              finish_reason=FINISH_REASONS[out.finish_reason],
-                              logprobs=self.chat_logprobs(out.logprobs) if logprobs is not None else None)
-                   for i, out in enumerate(outputs)]
+        choices = []
+        for i, out in enumerate(outputs):
+            content, calls = plan.parse(out.text) if plan is not None else (out.text, [])
+            choices.append(ChatChoice(index=i, message=AssistantMessage(content=content, tool_calls=calls or None),
+                                      finish_reason=chat_finish_reason(out.finish_reason, calls),
+                                      logprobs=self.chat_logprobs(out.logprobs) if logprobs is not None else None))
         return ChatCompletionResponse(id=generation.id, created=created, model=self.settings.model_name,
                                       choices=choices, usage=usage(generation))
 
     async def chat_events(self, generation: Generation, created: int, n: int, logprobs: bool,
-                          include_usage: bool) -> AsyncIterator[str]:
+                          include_usage: bool, plan: ToolPlan | None = None) -> AsyncIterator[str]:
         def chunk(choices: list[ChatChunkChoice], usage_: Usage | None = None) -> str:
             return sse(ChatCompletionChunk(id=generation.id, created=created, model=self.settings.model_name,
                                            choices=choices, usage=usage_))
 
+        calls_streams = [ToolCallStream(plan) for _ in range(n)] if plan is not None else None
         try:
             for i in range(n):
                 yield chunk([ChatChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
             async for i, out in generation.stream():
                 lps = self.chat_logprobs(out.delta_logprobs) if logprobs and out.delta_logprobs else None
-                if out.delta_text or lps:
-                    yield chunk([ChatChunkChoice(index=i, delta=Delta(content=out.delta_text), logprobs=lps)])
+                text = calls_streams[i].feed(out.delta_text) if calls_streams else out.delta_text
+                if text or lps:
+                    yield chunk([ChatChunkChoice(index=i, delta=Delta(content=text), logprobs=lps)])
                 if out.finished:
-                    finish = FINISH_REASONS[out.finish_reason]
+                    calls = []
+                    if calls_streams:  # what was held back: the calls, or text that turned out not to be one
+                        rest, calls = calls_streams[i].finish()
+                        if rest:
+                            yield chunk([ChatChunkChoice(index=i, delta=Delta(content=rest))])
+                        if calls:
+                            deltas = [ToolCallDelta(index=k, id=c.id, function=c.function) for k, c in enumerate(calls)]
+                            yield chunk([ChatChunkChoice(index=i, delta=Delta(tool_calls=deltas))])
+                    finish = chat_finish_reason(out.finish_reason, calls)
                     yield chunk([ChatChunkChoice(index=i, delta=Delta(), finish_reason=finish)])
             if include_usage:
                 yield chunk([], usage(generation))
@@ -329,6 +343,21 @@ class _Server:
         yield "data: [DONE]\n\n"
 
     # --- prompts and parameters --------------------------------------------------------------------
+    async def chat_constraints(self, body: ChatCompletionRequest) -> tuple[ToolPlan | None, GuidedDecoding | None]:
+        """The request's tool plan and output constraint (tool calls or response_format); 400s name the field."""
+        try:
+            plan = ToolPlan.from_request(body.tools, body.tool_choice, body.parallel_tool_calls)
+        except ToolError as e:
+            raise APIError(str(e), param=e.param) from None
+        tool_guided = plan.guided() if plan is not None else None
+        format_guided = guided_from_response_format(body.response_format)
+        if plan is not None and plan.mode != "none" and format_guided is not None:
+            raise APIError("response_format cannot be combined with tools (unless tool_choice is \"none\")",
+                           param="response_format")
+        if tool_guided is not None:
+            return plan, await checked(self.engine, tool_guided, param="tools")
+        return plan, await checked(self.engine, format_guided)
+
     def check_model(self, name: str | None):
         if name is not None and name != self.settings.model_name:
             raise APIError(f"the model {name!r} does not exist; this server serves {self.settings.model_name!r}",
@@ -397,7 +426,7 @@ class _Server:
         return max_tokens
 
     def sampling_params(self, body: SamplingFields, max_new_tokens: int, seed: int | None,
-                        logprobs: int | None) -> SamplingParams:
+                        logprobs: int | None, guided: GuidedDecoding | None = None) -> SamplingParams:
         if body.logit_bias:
             raise APIError("logit_bias is not supported by this server", param="logit_bias", code="unsupported")
         temperature = _or(body.temperature, 1.0)
@@ -416,6 +445,7 @@ class _Server:
             stop_token_ids=list(body.stop_token_ids or []),
             logprobs=logprobs,
             seed=seed,
+            guided=guided,
         )
         return self.validated(params)
 
@@ -484,6 +514,10 @@ class _Server:
 # --- helpers -------------------------------------------------------------------------------------------
 def _or(value: T | None, default: T) -> T:
     return default if value is None else value
+
+
+def chat_finish_reason(reason: str, calls: list) -> str:
+    return "tool_calls" if calls and reason == "stop" else FINISH_REASONS[reason]
 
 
 def choice_seed(seed: int | None, index: int) -> int | None:
