@@ -71,7 +71,7 @@ def timed(fn, repeat: int = 1) -> tuple[float, object]:
     return (time.perf_counter() - start) / repeat, result
 
 
-def bench_llguidance(hf, vocab: int, tokens: list[int], batches: list[int]) -> dict:
+def bench_llguidance(hf, vocab: int, tokens: list[int], batches: list[int], parallel: bool = False) -> dict:
     import llguidance
     import llguidance.hf
 
@@ -89,8 +89,9 @@ def bench_llguidance(hf, vocab: int, tokens: list[int], batches: list[int]) -> d
         times = []
         for t in tokens:
             start = time.perf_counter()
-            if batch == 1:
-                matchers[0].unsafe_compute_mask_ptr(bitmask.data_ptr(), words * 4)
+            if not parallel:  # one after the other, as the engine does
+                for i, m in enumerate(matchers):
+                    m.unsafe_compute_mask_ptr(bitmask.data_ptr() + i * words * 4, words * 4)
             else:
                 executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], bitmask.data_ptr(),
                                                  words * 4, batch)
@@ -142,7 +143,9 @@ def main(argv=None):
     print(f"vocabulary {vocab} tokens; document {len(tokens)} tokens; schema {len(json.dumps(SCHEMA))} chars")
     print(f"{'library':<12} {'tokenizer s':>11} {'compile ms':>10} {'matcher ms':>10} "
           f"{'mask b1 us (p50/p99)':>22} {'mask b8 us (p50/p99)':>22}")
-    for name, bench in (("llguidance", bench_llguidance), ("xgrammar", bench_xgrammar)):
+    benches = (("llguidance", bench_llguidance), ("llg thread", lambda *a: bench_llguidance(*a, parallel=True)),
+               ("xgrammar", bench_xgrammar))
+    for name, bench in benches:
         try:
             r = bench(hf, vocab, tokens, [1, 8])
         except ImportError as e:

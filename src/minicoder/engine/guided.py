@@ -70,7 +70,6 @@ class Grammars:
         self.eos_token_ids = sorted(eos_token_ids)
         self._tokenizer = None
         self._lock = threading.Lock()
-        self._executor = None
         self._checked: dict[GuidedDecoding, str] = {}
 
     @property
@@ -109,29 +108,18 @@ class Grammars:
         return GrammarState(matcher, self)
 
     def allowed_tokens(self, states: list["GrammarState"]) -> torch.Tensor:
-        """(len(states), vocab) bool: the tokens each grammar allows next (several grammars in parallel).
+        """(len(states), vocab) bool: the tokens each grammar allows next.
 
         Masks are written straight into a tensor through llguidance's pointer API: its `llguidance.torch`
         helpers import torch.compile on first use, which costs seconds on CPU."""
         words = (self.vocab_size + 31) // 32
         bitmask = torch.zeros((len(states), words), dtype=torch.int32)
         row_bytes = words * 4
-        if len(states) == 1:
-            states[0].matcher.unsafe_compute_mask_ptr(bitmask.data_ptr(), row_bytes)
-        else:
-            self.executor.unsafe_compute_mask_ptr([(s.matcher, i) for i, s in enumerate(states)],
-                                                  bitmask.data_ptr(), row_bytes, len(states))
+        # One after the other: llguidance's thread pool (LLExecutor) cost more than it saved at batch 8
+        # (see the table above); a mask takes microseconds, a forward pass milliseconds.
+        for i, state in enumerate(states):
+            state.matcher.unsafe_compute_mask_ptr(bitmask.data_ptr() + i * row_bytes, row_bytes)
         return unpack_bitmask(bitmask, self.vocab_size)
-
-    @property
-    def executor(self):
-        """llguidance's thread pool, which computes a batch's masks in parallel."""
-        with self._lock:
-            if self._executor is None:
-                from llguidance import LLExecutor
-
-                self._executor = LLExecutor()
-            return self._executor
 
 
 class GrammarState:
