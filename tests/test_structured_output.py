@@ -204,3 +204,69 @@ def test_bad_tools_and_formats_are_400s_naming_the_field(server, body, param):
         server.client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=5, extra_body=body)
     assert e.value.status_code == 400
     assert e.value.body["param"].startswith(param), e.value.body
+
+
+# --- tool_choice auto, with a scripted model -------------------------------------------------------------
+class ScriptedRunner:
+    """Test-only backend: the real runner computes every step, then each request's logits are replaced by a
+    one-hot on the next token of `script` (end-of-sequence after it), so the 'model' writes exactly that."""
+
+    def __init__(self, engine: Engine):
+        self.engine, self.inner, self.script = engine, engine.runner, []
+
+    def forward(self, chunks):
+        logits = self.inner.forward(chunks)
+        for row, chunk in enumerate(c for c in chunks if c.wants_logits):
+            written = len(self.engine.requests[chunk.request_id].output_ids)
+            logits[row] = -1e4
+            logits[row, self.script[written] if written < len(self.script) else self.engine.tokenizer.eos_token_id] = 1e4
+        return logits
+
+    def release(self, request_id):
+        self.inner.release(request_id)
+
+
+@pytest.fixture(scope="module")
+def scripted(model_dir):
+    engine = Engine(model_dir, EngineConfig())
+    runner = engine.runner = ScriptedRunner(engine)
+    app = create_app(AsyncEngine(engine), ServerSettings(model_name=MODEL))
+    with serve_in_thread(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=120)
+
+        def answer(text: str, **kwargs):
+            runner.script = engine.tokenizer.encode(text, add_special_tokens=False)
+            return client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=200, **kwargs)
+
+        yield answer
+
+
+TWO_CALLS = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "C"}}\n'
+             '</tool_call>\n<tool_call>\n{"name": "search_code", "arguments": {"query": "wx"}}\n</tool_call>')
+
+
+def test_auto_tool_calls_are_parsed_from_the_text(scripted):
+    r = scripted(TWO_CALLS)
+    message = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls" and message.content == "Let me check."
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls] == [
+        ("get_weather", {"city": "Oslo", "unit": "C"}), ("search_code", {"query": "wx"})]
+    one = scripted(TWO_CALLS, parallel_tool_calls=False).choices[0].message.tool_calls
+    assert [c.function.name for c in one] == ["get_weather"]
+    plain = scripted("It is sunny in <b>Paris</b>.")
+    assert plain.choices[0].finish_reason == "stop" and plain.choices[0].message.tool_calls is None
+    assert plain.choices[0].message.content == "It is sunny in <b>Paris</b>."
+    broken = scripted('<tool_call>\n{"name": "rm_rf", "arguments": {}}\n</tool_call>')  # not a tool: text
+    assert broken.choices[0].message.tool_calls is None and "rm_rf" in broken.choices[0].message.content
+
+
+def test_auto_tool_calls_streamed(scripted):
+    chunks = list(scripted(TWO_CALLS, stream=True))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content.strip() == "Let me check." and "<tool" not in content  # the call text is never sent as content
+    deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
+    assert [(d.index, d.function.name) for d in deltas] == [(0, "get_weather"), (1, "search_code")]
+    assert json.loads(deltas[1].function.arguments) == {"query": "wx"}
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    plain = list(scripted("a < b <tool", stream=True))  # a held-back tail that never became a call is sent
+    assert "".join(c.choices[0].delta.content or "" for c in plain if c.choices) == "a < b <tool"
