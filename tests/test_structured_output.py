@@ -215,7 +215,7 @@ class ScriptedRunner:
         self.engine, self.inner, self.script = engine, engine.runner, []
 
     def forward(self, chunks):
-        logits = self.inner.forward(chunks)
+        logits = self.inner.forward(chunks).clone()  # (an inference-mode tensor cannot be written in place)
         for row, chunk in enumerate(c for c in chunks if c.wants_logits):
             written = len(self.engine.requests[chunk.request_id].output_ids)
             logits[row] = -1e4
