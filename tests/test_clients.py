@@ -234,6 +234,18 @@ def test_ollama_chat(ollama_client, reference):
     assert "".join(p.message.content for p in streamed) == r.message.content and streamed[-1].done
 
 
+def test_ollama_format_json_and_schema_constrain_the_output(ollama_client):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "lang": {"enum": ["py", "rs"]}},
+              "required": ["ok", "lang"], "additionalProperties": False}
+    r = ollama_client.generate(model=MODEL, prompt="hi", format=schema, options={"temperature": 0})
+    assert r.done_reason == "stop" and set(json.loads(r.response)) == {"ok", "lang"}
+    messages = [{"role": "user", "content": "Answer in JSON."}]
+    parts = list(ollama_client.chat(model=MODEL, messages=messages, format="json", stream=True,
+                                    options={"temperature": 1.0, "seed": 3, "num_predict": 400}))
+    assert parts[-1].done_reason == "stop"
+    assert isinstance(json.loads("".join(p.message.content for p in parts)), dict)
+
+
 def test_ollama_errors(ollama_client, server):
     import ollama
 
@@ -243,9 +255,10 @@ def test_ollama_errors(ollama_client, server):
     with pytest.raises(ollama.ResponseError) as e:
         ollama_client.generate(model=MODEL, prompt="hi", options={"mirostat": 2})
     assert e.value.status_code == 400 and "mirostat" in e.value.error
-    with pytest.raises(ollama.ResponseError) as e:
-        ollama_client.chat(model=MODEL, messages=[{"role": "user", "content": "hi"}], format="json")
-    assert e.value.status_code == 400 and "format" in e.value.error
+    for fmt in ("xml", {"type": "nonsense"}):  # (the ollama client itself refuses "xml" before sending it)
+        r = requests.post(server.url + "/api/chat", json={"model": MODEL, "format": fmt, "stream": False,
+                                                          "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 400 and r.json()["error"].startswith("format"), r.text
     with pytest.raises(ollama.ResponseError) as e:
         ollama_client.generate(model=MODEL, prompt="x = ", suffix="\n", system="Be brief.")
     assert e.value.status_code == 400 and "system" in e.value.error

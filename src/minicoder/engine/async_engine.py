@@ -56,6 +56,11 @@ class AsyncEngine:
         return self.engine.vocab_size
 
     @property
+    def grammars(self):
+        """The engine's grammar compiler (engine/guided.py): routes check a response_format before queueing it."""
+        return self.engine.grammars
+
+    @property
     def max_request_tokens(self) -> int:
         """Prompt + completion tokens one request may hold (the context, or less when the KV cache is smaller)."""
         return self.engine.max_request_tokens

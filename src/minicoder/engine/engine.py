@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MinicoderError
+from .guided import Grammars
 from .kv_cache import KVCacheManager, PrefixCacheStats
 from .prompts import PromptBuilder
 from .request import Request, RequestFailed, RequestOutput
@@ -86,6 +87,7 @@ class Engine:
         self.kv_bytes_per_token = loaded.kv_bytes_per_token
         self.max_model_len = loaded.max_model_len
         self.eos_token_ids = _eos_token_ids(self.model_path, self.tokenizer)
+        self.grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_token_ids)
         prefix_caching = config.enable_prefix_caching and self.backend == "native"
         self.kv = KVCacheManager(loaded.num_blocks, config.block_size, prefix_caching)
         # A request must fit the KV pool on its own, or preempting the others would not let it finish.
@@ -112,9 +114,11 @@ class Engine:
                              f"(context {self.max_model_len}, KV cache {len(self.kv.blocks) * self.kv.block_size})")
         if not all(0 <= t < self.vocab_size for t in prompt_ids):
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        grammar = self.grammars.state(params.guided) if params.guided is not None else None  # ValueError if bad
         request_id = request_id or f"req-{next(self._ids)}"
         request = Request(request_id, prompt_ids, params, tokenizer=self.tokenizer, vocab_size=self.vocab_size,
-                          eos_token_ids=self.eos_token_ids, max_total_tokens=self.max_request_tokens)
+                          eos_token_ids=self.eos_token_ids, max_total_tokens=self.max_request_tokens,
+                          grammar=grammar)
         with self._lock:
             if request_id in self.requests:
                 raise ValueError(f"request id {request_id!r} is in use")

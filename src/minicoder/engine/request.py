@@ -11,6 +11,7 @@ from typing import Literal
 import torch
 
 from .detokenizer import IncrementalDetokenizer, StopStringFilter
+from .guided import GrammarState
 from .sampling import SamplingParams
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]  # error: failed alone, see `error`
@@ -73,7 +74,7 @@ class Request:
     """
 
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *, tokenizer,
-                 vocab_size: int, eos_token_ids: set[int], max_total_tokens: int):
+                 vocab_size: int, eos_token_ids: set[int], max_total_tokens: int, grammar: GrammarState | None = None):
         self.id = request_id
         self.params = params
         self.token_ids = list(prompt_ids)
@@ -100,6 +101,7 @@ class Request:
         self.prompt_logprobs: list[TokenLogprob | None] | None = None
         if params.prompt_logprobs is not None:
             self.prompt_logprobs = [None]  # filled up to num_prompt_tokens as the prefill runs
+        self.grammar = grammar  # where the output is in its grammar, when it must match one
 
     @property
     def needs_prompt_logits(self) -> bool:
@@ -114,7 +116,7 @@ class Request:
     def plain_greedy(self) -> bool:
         """Greedy with nothing that changes logits: the batch can take one argmax for all such requests."""
         p = self.params
-        return p.greedy and self.penalties is None and len(self.output_ids) >= p.min_new_tokens
+        return p.greedy and self.penalties is None and self.grammar is None and len(self.output_ids) >= p.min_new_tokens
 
     def append_token(self, token: int) -> str:
         """Record a sampled token, decide whether the request is done; return the text safe to stream now."""
@@ -127,8 +129,12 @@ class Request:
         if token in self.stop_token_ids:
             self.finish_reason = "stop"  # the stop token counts as generated but is not part of the text
         else:
+            if self.grammar is not None:
+                self.grammar.accept(token)  # the sampler only offered allowed tokens: a refusal is a bug
             if self.stop_filter.add(self.detokenizer.add(token)):
                 self.finish_reason = "stop"
+            elif self.grammar is not None and self.grammar.complete:
+                self.finish_reason = "stop"  # nothing but end-of-sequence could follow
             elif len(self.output_ids) >= self.max_output_tokens:
                 self.finish_reason = "length"
         if self.finished:

@@ -4,7 +4,9 @@ Greedy requests with nothing that changes their logits share one argmax. The oth
 order transformers applies them: min-tokens masking and penalties (per request, vectorized over the
 vocabulary), then temperature, top-k, top-p and min-p for all sampled rows at once, and finally one
 `torch.multinomial` per request with the request's own generator, so a seed gives the same text in any
-batch. Log-probabilities are reported under the model's own distribution (before any of this).
+batch. A request that must match a grammar (JSON schema, `response_format`) has its row masked to the tokens
+its grammar allows, after penalties and before temperature (engine/guided.py). Log-probabilities are
+reported under the model's own distribution (before any of this).
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[int]:
             logits[i, list(r.stop_token_ids)] = float("-inf")
         if r.penalties is not None:
             logits[i] = apply_penalties(logits[i], r)
+    constrained = [i for i, r in enumerate(requests) if r.grammar is not None]
+    if constrained:
+        apply_grammars(logits, [requests[i] for i in constrained], constrained)
     logits = finite_logits(logits)
     tokens = logits.argmax(dim=-1).tolist()
     sampled = [i for i, r in enumerate(requests) if not r.params.greedy]
@@ -58,6 +63,24 @@ def record_prompt_logprobs(request: Request, start: int, logits: torch.Tensor):
         values, ids = logprobs.topk(top_n, dim=-1)
         tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
     recorded += [TokenLogprob(t, c, top) for t, c, top in zip(targets.tolist(), chosen, tops)]
+
+
+def apply_grammars(logits: torch.Tensor, requests: list[Request], rows: list[int]):
+    """Mask each constrained row to the tokens its grammar allows next (in place).
+
+    Stop tokens (end-of-sequence, the request's stop_token_ids) are allowed exactly where the grammar
+    accepts; min_tokens holds them back only while the grammar offers something else to write."""
+    allowed = requests[0].grammar.grammars.allowed_tokens([r.grammar for r in requests])
+    for k, (row, r) in enumerate(zip(rows, requests)):
+        if r.stop_token_ids:
+            stops = list(r.stop_token_ids)
+            allowed[k, stops] = r.grammar.accepting
+            if len(r.output_ids) < r.params.min_new_tokens:
+                without_stops = allowed[k].clone()
+                without_stops[stops] = False
+                if without_stops.any():
+                    allowed[k] = without_stops
+        logits[row].masked_fill_(~allowed[k], float("-inf"))
 
 
 def apply_penalties(row: torch.Tensor, request: Request) -> torch.Tensor:

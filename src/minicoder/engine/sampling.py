@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .guided import GuidedDecoding
+
 # Bounds of what a request may ask for. Beyond them the sampler's arithmetic overflows (a repetition
 # penalty of 1e-40 turns logits into inf, then NaN probabilities) or the per-token cost grows with the
 # request (every stop string is checked on every token), so they are refused at submit time.
@@ -41,6 +43,7 @@ class SamplingParams:
     # None: off; N: the same for every prompt token after the first, computed during prefill (such a
     # request does not reuse the prefix cache: cached positions would have no logits)
     prompt_logprobs: int | None = None
+    guided: GuidedDecoding | None = None  # the output must match this JSON schema / grammar (engine/guided.py)
 
     def validate(self, vocab_size: int | None = None):
         """Raise ValueError (message starting with the field's name) for anything the sampler cannot honour.

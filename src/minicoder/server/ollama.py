@@ -14,8 +14,9 @@ except `repeat_penalty` (default 1.0): minicoder's penalty covers every prompt a
 `repeat_last_n` may only be -1 (that) or 0 (off). `num_ctx` lowers the context a request may use (above
 the server's, the server's holds). Options that choose how Ollama loads a model (`num_thread`, `num_gpu`,
 `use_mmap`, ...) and `keep_alive` are accepted and not applied: this server keeps its one model loaded
-(`/api/ps` shows it never expiring) and its command line decides threads and devices. `format`,
-`images`, `tools`, `think` and templates other than the model's are refused with a 400.
+(`/api/ps` shows it never expiring) and its command line decides threads and devices. `format` ("json"
+or a JSON schema) constrains the output as `response_format` does on the OpenAI routes. `images`,
+`tools`, `think` and templates other than the model's are refused with a 400.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from .streaming import EventStream, until_disconnected
 from .errors import APIError, field_path
 from .generation import Generation
 from .protocol import StrictModel, Text
+from .structured import checked, guided_from_ollama_format
 
 API_VERSION = "0.12.0"  # the Ollama API version whose routes and fields this module follows
 NEVER = "2318-01-01T00:00:00Z"  # /api/ps `expires_at` of a model that stays loaded (as Ollama shows keep_alive -1)
@@ -123,7 +125,7 @@ class _OllamaRequest(StrictModel):
     stream: bool = True
     keep_alive: str | int | float | None = Field(None, description="Accepted (validated), not applied: the model "
                                                  "stays loaded.")
-    format: Any = Field(None, description="Not supported: must be absent.")
+    format: Any = Field(None, description='"json" or a JSON schema: the output is constrained to match.')
     think: bool | str | None = Field(None, description="Not supported: must be absent or false.")
 
     @field_validator("keep_alive")
@@ -288,8 +290,6 @@ class Ollama:
     # --- requests ----------------------------------------------------------------------------------
     def check_common(self, body: _OllamaRequest):
         self.check_model(body.model)
-        if body.format not in (None, ""):
-            raise APIError("format (structured output) is not supported by this server", param="format")
         if body.think not in (None, False):
             raise APIError("think is not supported by this server", param="think")
 
@@ -365,6 +365,7 @@ class Ollama:
             raise APIError(f"options.num_predict is {max_new} and the prompt has {n} tokens, more than the {context} "
                            "tokens of the context", param="options.num_predict")
         params = self.sampling_params(opts, max_new or context - n)
+        params.guided = await checked(self.server.engine, guided_from_ollama_format(body.format), param="format")
         generation = Generation(self.server.engine, f"ollama-{uuid.uuid4().hex}", [(prompt_ids, params)],
                                 self.server.metrics)
         await self.server.start(generation, "prompt")

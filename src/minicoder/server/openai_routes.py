@@ -1,6 +1,7 @@
 """The OpenAI-compatible API: `GET /v1/models`, `POST /v1/completions` (completion, fill-in-the-middle with
 `suffix`, n, stop, seed, logprobs, echo, stream) and `POST /v1/chat/completions` (the model's chat template,
-n, stop, seed, logprobs, stream). Request bodies become prompt token ids + `SamplingParams` through the shared
+n, stop, seed, logprobs, stream, tools); both take `response_format` (constrained decoding: structured.py,
+tool_calls.py). Request bodies become prompt token ids + `SamplingParams` through the shared
 layer (serving.py); engine outputs become OpenAI JSON or server-sent event chunks."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, Request
 
-from ..engine import RequestOutput
+from ..engine import GuidedDecoding, RequestOutput
 from ..engine import TokenLogprob as EngineLogprob
 from .errors import APIError
 from .generation import Generation
@@ -22,6 +23,8 @@ from .protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatComple
                        CompletionResponse, Delta, ErrorResponse, ModelCard, ModelList, TokenLogprob, TopLogprob, Usage)
 from .serving import Server, or_default, usage
 from .streaming import EventStream, sse, stream_error, until_disconnected
+from .structured import checked, guided_from_response_format
+from .tool_calls import ToolCallDelta, ToolCallStream, ToolError, ToolPlan, render_messages
 
 PROMPT_ONLY_TOKENS = 1  # max_tokens 0: the engine samples once after the prompt; the token is dropped
 FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "abort"}
@@ -70,6 +73,7 @@ class OpenAIRoutes:
         count = len(body.prompt) if isinstance(body.prompt, list) and body.prompt and \
             not isinstance(body.prompt[0], int) else 1
         server.check_choices(count * n)  # before tokenizing any of the prompts
+        guided = await checked(server.engine, guided_from_response_format(body.response_format))
         prompts = await asyncio.to_thread(server.completion_prompts, body)  # tokenizing off the event loop
         requests, groups, echoes = [], [], []
         for p, (text, prompt_ids) in enumerate(prompts):
@@ -80,7 +84,7 @@ class OpenAIRoutes:
             for _ in range(n):
                 seed = choice_seed(body.seed, len(requests))
                 requests.append((prompt_ids, server.sampling_params(body, max_new, seed, body.logprobs,
-                                                                    body.logprobs if echo_logprobs else None)))
+                                                                    body.logprobs if echo_logprobs else None, guided)))
                 groups.append(p)
                 echoes.append(text if body.echo else "")
         generation = Generation(server.engine, f"cmpl-{uuid.uuid4().hex}", requests, server.metrics, groups)
@@ -141,52 +145,63 @@ class OpenAIRoutes:
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         server = self.server
         server.check_model(body.model)
-        if body.tools:
-            raise APIError("tools are not supported by this server", param="tools", code="unsupported")
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError("top_logprobs needs logprobs: true", param="top_logprobs")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        prompt_ids = await server.chat_prompt(messages, param="messages")
+        plan, guided = await self.chat_constraints(body)
+        prompt_ids = await server.chat_prompt(render_messages(body.messages, plan), param="messages")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         max_new = server.fit_context(prompt_ids, max_tokens, "messages", param)
         n = or_default(body.n, 1)
         logprobs = or_default(body.top_logprobs, 0) if body.logprobs else None
-        requests = [(prompt_ids, server.sampling_params(body, max_new, choice_seed(body.seed, i), logprobs))
+        requests = [(prompt_ids, server.sampling_params(body, max_new, choice_seed(body.seed, i), logprobs,
+                                                        guided=guided))
                     for i in range(n)]
         generation = Generation(server.engine, f"chatcmpl-{uuid.uuid4().hex}", requests, server.metrics, [0] * n)
         await server.start(generation, "messages")
         created = int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return EventStream(self.chat_events(generation, created, n, logprobs is not None, include_usage),
+            return EventStream(self.chat_events(generation, created, n, logprobs is not None, include_usage, plan),
                                on_close=generation.close)
         try:
             outputs = await until_disconnected(request, generation.results())
         finally:
             generation.close()
-        choices = [ChatChoice(index=i, message=AssistantMessage(content=out.text),
-                              finish_reason=FINISH_REASONS[out.finish_reason],
-                              logprobs=self.chat_logprobs(out.logprobs) if logprobs is not None else None)
-                   for i, out in enumerate(outputs)]
+        choices = []
+        for i, out in enumerate(outputs):
+            content, calls = plan.parse(out.text) if plan is not None else (out.text, [])
+            choices.append(ChatChoice(index=i, message=AssistantMessage(content=content, tool_calls=calls or None),
+                                      finish_reason=chat_finish_reason(out.finish_reason, calls),
+                                      logprobs=self.chat_logprobs(out.logprobs) if logprobs is not None else None))
         return ChatCompletionResponse(id=generation.id, created=created, model=server.settings.model_name,
                                       choices=choices, usage=usage(generation))
 
     async def chat_events(self, generation: Generation, created: int, n: int, logprobs: bool,
-                          include_usage: bool) -> AsyncIterator[str]:
+                          include_usage: bool, plan: ToolPlan | None = None) -> AsyncIterator[str]:
         def chunk(choices: list[ChatChunkChoice], usage_: Usage | None = None) -> str:
             return sse(ChatCompletionChunk(id=generation.id, created=created, model=self.server.settings.model_name,
                                            choices=choices, usage=usage_))
 
+        calls_streams = [ToolCallStream(plan) for _ in range(n)] if plan is not None else None
         try:
             for i in range(n):
                 yield chunk([ChatChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
             async for i, out in generation.stream():
                 lps = self.chat_logprobs(out.delta_logprobs) if logprobs and out.delta_logprobs else None
-                if out.delta_text or lps:
-                    yield chunk([ChatChunkChoice(index=i, delta=Delta(content=out.delta_text), logprobs=lps)])
+                text = calls_streams[i].feed(out.delta_text) if calls_streams else out.delta_text
+                if text or lps:
+                    yield chunk([ChatChunkChoice(index=i, delta=Delta(content=text), logprobs=lps)])
                 if out.finished:
-                    finish = FINISH_REASONS[out.finish_reason]
+                    calls = []
+                    if calls_streams:  # what was held back: the calls, or text that turned out not to be one
+                        rest, calls = calls_streams[i].finish()
+                        if rest:
+                            yield chunk([ChatChunkChoice(index=i, delta=Delta(content=rest))])
+                        if calls:
+                            deltas = [ToolCallDelta(index=k, id=c.id, function=c.function) for k, c in enumerate(calls)]
+                            yield chunk([ChatChunkChoice(index=i, delta=Delta(tool_calls=deltas))])
+                    finish = chat_finish_reason(out.finish_reason, calls)
                     yield chunk([ChatChunkChoice(index=i, delta=Delta(), finish_reason=finish)])
             if include_usage:
                 yield chunk([], usage(generation))
@@ -195,6 +210,21 @@ class OpenAIRoutes:
         finally:
             generation.close()
         yield "data: [DONE]\n\n"
+
+    async def chat_constraints(self, body: ChatCompletionRequest) -> tuple[ToolPlan | None, GuidedDecoding | None]:
+        """The request's tool plan and output constraint (tool calls or response_format); 400s name the field."""
+        try:
+            plan = ToolPlan.from_request(body.tools, body.tool_choice, body.parallel_tool_calls)
+        except ToolError as e:
+            raise APIError(str(e), param=e.param) from None
+        tool_guided = plan.guided() if plan is not None else None
+        format_guided = guided_from_response_format(body.response_format)
+        if plan is not None and plan.mode != "none" and format_guided is not None:
+            raise APIError("response_format cannot be combined with tools (unless tool_choice is \"none\")",
+                           param="response_format")
+        if tool_guided is not None:
+            return plan, await checked(self.server.engine, tool_guided, param="tools")
+        return plan, await checked(self.server.engine, format_guided)
 
     # --- outputs -----------------------------------------------------------------------------------
     def choice_logprobs(self, prompt_entries: list[tuple[int, EngineLogprob | None]],
@@ -255,6 +285,10 @@ class CompletionShape:
         if self.prompt_only:  # the one token the engine sampled after the prompt is dropped
             counts.completion_tokens, counts.total_tokens = 0, counts.prompt_tokens
         return counts
+
+
+def chat_finish_reason(reason: str, calls: list) -> str:
+    return "tool_calls" if calls and reason == "stop" else FINISH_REASONS[reason]
 
 
 def choice_seed(seed: int | None, index: int) -> int | None:

@@ -15,6 +15,9 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, model_serializer
 
+from .structured import ResponseFormat
+from .tool_calls import Tool, ToolCall, ToolCallDelta, ToolChoice
+
 # --- requests ------------------------------------------------------------------------------------------
 
 
@@ -62,6 +65,9 @@ class SamplingFields(StrictModel):
     min_tokens: int | None = Field(None, ge=0, description="Generate at least this many tokens before stopping.")
     ignore_eos: bool | None = Field(None, description="Go on past end-of-sequence tokens.")
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, description="Token ids that end the text.")
+    response_format: ResponseFormat | None = Field(None, description='{"type": "json_object"} or {"type": '
+                                                   '"json_schema", "json_schema": {"name", "schema"}}: the output '
+                                                   'is constrained to match (server/structured.py).')
 
 
 TokenIds = list[Annotated[int, Field(ge=0)]]
@@ -124,9 +130,11 @@ class TextPart(StrictModel):
 
 
 class ChatMessage(StrictModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="An assistant turn's calls.")
+    tool_call_id: Text | None = Field(None, description="A tool turn: the call it answers.")
 
     def text(self) -> str:
         if self.content is None:
@@ -149,7 +157,10 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens (wins over it).")
     logprobs: bool | None = Field(None, description="Log-probabilities of the chosen tokens.")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="With logprobs: the most likely tokens too.")
-    tools: list[dict] | None = Field(None, description="Not supported: must be absent or empty.")
+    tools: list[Tool] | None = Field(None, description="Functions the model may call (server/tool_calls.py).")
+    tool_choice: ToolChoice | None = Field(None, description='"none", "auto" (default with tools), "required", or '
+                                           '{"type": "function", "function": {"name"}}.')
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one call. Default true.")
 
 
 class HistoryChatRequest(StrictModel):
@@ -188,7 +199,7 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
-FinishReason = Literal["stop", "length", "abort"]
+FinishReason = Literal["stop", "length", "abort", "tool_calls"]
 
 
 class CompletionChoice(BaseModel):
@@ -225,7 +236,8 @@ class ChatLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -247,6 +259,7 @@ class ChatCompletionResponse(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer(mode="wrap")
     def _only_set_fields(self, handler):  # OpenAI sends {"content": "..."}, not {"role": null, ...}

@@ -22,7 +22,7 @@ from typing import TypeVar
 from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from ..engine import AsyncEngine, QueueFull, SamplingParams
+from ..engine import AsyncEngine, GuidedDecoding, QueueFull, SamplingParams
 from .clients import fim_context
 from .errors import APIError
 from .generation import Generation
@@ -147,7 +147,8 @@ class Server:
         return max_tokens
 
     def sampling_params(self, body: SamplingFields, max_new_tokens: int, seed: int | None,
-                        logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
+                        logprobs: int | None, prompt_logprobs: int | None = None,
+                        guided: GuidedDecoding | None = None) -> SamplingParams:
         if body.logit_bias:
             raise APIError("logit_bias is not supported by this server", param="logit_bias", code="unsupported")
         temperature = or_default(body.temperature, 1.0)
@@ -167,6 +168,7 @@ class Server:
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             seed=seed,
+            guided=guided,
         )
         return self.validated(params)
 
