@@ -27,10 +27,11 @@ from ..errors import MinicoderError
 from .kv_cache import KVCacheManager, PrefixCacheStats
 from .prompts import PromptBuilder
 from .request import Request, RequestFailed, RequestOutput
-from .sampler import sample
+from .sampler import sample, token_logprob
 from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .runner import SequenceChunk
+from .speculation import NgramProposer, SpeculationStats, SpeculativeConfig, accept_greedy
 
 __all__ = ["Engine", "EngineConfig", "EngineStats", "QueueFull"]
 
@@ -59,6 +60,7 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     quantize: str | None = None  # "int8" / "int4": round-to-nearest weights at load time (native backend)
     kv_cache_dtype: str = "auto"  # "int8" / "int4": quantized KV cache, 2x / 4x the tokens per byte of 16-bit
+    speculative: SpeculativeConfig | None = None  # prompt-lookup drafts for greedy requests (native backend)
 
 
 @dataclass
@@ -73,6 +75,7 @@ class EngineStats:
     kv_cache_dtype: str = "auto"
     kv_cache_bytes_per_token: int = 0
     block_size: int = 16
+    speculation: SpeculationStats | None = None  # with speculative decoding on
 
 
 class Engine:
@@ -90,7 +93,13 @@ class Engine:
         self.kv = KVCacheManager(loaded.num_blocks, config.block_size, prefix_caching)
         # A request must fit the KV pool on its own, or preempting the others would not let it finish.
         self.max_request_tokens = min(self.max_model_len, loaded.num_blocks * config.block_size)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        proposer = None
+        if config.speculative is not None:
+            if self.backend != "native":
+                raise MinicoderError(f"{model_path}: speculative decoding needs the native backend (a Llama-family model)")
+            proposer = NgramProposer(config.speculative).propose
+        self.speculation = SpeculationStats()
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, proposer)
         self.requests: dict[str, Request] = {}
         self.generated_tokens = 0
         self._ids = itertools.count()
@@ -146,24 +155,62 @@ class Engine:
             return outputs
         chunks, logits = self._forward(chunks, outputs)
         self.scheduler.after_step(chunks)
-        sampling = [c.request for c in chunks if c.samples]
-        if not sampling:
-            return outputs
-        for request, token in zip(sampling, self._sample(logits, sampling)):
-            if token is None:
-                outputs.append(self._fail(request, "sampling failed"))
-                continue
+        sampling, drafting, row = [], [], 0
+        for chunk in chunks:  # the runner's rows: one per sampling chunk, 1 + drafts for a speculating one
+            if chunk.draft_token_ids:
+                n = 1 + len(chunk.draft_token_ids)
+                drafting.append((chunk, logits[row : row + n]))
+                row += n
+            elif chunk.samples:
+                sampling.append((chunk.request, row))
+                row += 1
+        if sampling:
+            rows = logits if not drafting else logits[[r for _, r in sampling]]
+            tokens = self._sample(rows, [request for request, _ in sampling])
+            for (request, _), token in zip(sampling, tokens):
+                if token is None:
+                    outputs.append(self._fail(request, "sampling failed"))
+                else:
+                    self._emit(request, [token], outputs)
+        for chunk, rows in drafting:
+            self._verify(chunk, rows, outputs)
+        return outputs
+
+    def _emit(self, request: Request, tokens: list[int], outputs: list[RequestOutput], rows=None):
+        """Append the request's new tokens (their logprobs from `rows` if given) until it finishes; one
+        output for all of them."""
+        delta, appended = "", []
+        for i, token in enumerate(tokens):
+            if rows is not None and request.logprobs is not None:
+                request.logprobs.append(token_logprob(rows[i], token, request.params.logprobs))
             try:
-                delta = request.append_token(token)
+                delta += request.append_token(token)
             except Exception:
                 log.exception("request %s: decoding token %d failed", request.id, token)
                 outputs.append(self._fail(request, "decoding failed"))
-                continue
+                return
+            appended.append(token)
             self.generated_tokens += 1
-            outputs.append(request.output(delta, [token]))
             if request.finished:
-                self._remove(request)
-        return outputs
+                break
+        outputs.append(request.output(delta, appended))
+        if request.finished:
+            self._remove(request)
+
+    def _verify(self, chunk, rows: torch.Tensor, outputs: list[RequestOutput]):
+        """Keep the drafts greedy decoding agrees with, plus the model's own next token (speculation.py)."""
+        request, draft = chunk.request, chunk.draft_token_ids
+        try:
+            tokens, accepted = accept_greedy(rows, draft)
+        except Exception:
+            log.exception("request %s: verifying %d draft tokens failed", request.id, len(draft))
+            outputs.append(self._fail(request, "sampling failed"))
+            return
+        self.speculation.record(len(draft), accepted)
+        request.record_drafts(len(draft), accepted)
+        self._emit(request, tokens, outputs, rows)
+        if not request.finished:  # all `accepted` drafts were appended: their keys/values are valid
+            self.scheduler.accept_drafts(request, accepted)
 
     def _forward(self, chunks: list, outputs: list[RequestOutput]) -> tuple[list, torch.Tensor]:
         """Logits for `chunks` in one batched forward; if that raises, each chunk alone, failing the
@@ -215,8 +262,9 @@ class Engine:
         return tokens
 
     def _sequence_chunk(self, c) -> SequenceChunk:
-        return SequenceChunk(c.request.id, c.request.token_ids[c.start : c.start + c.num_tokens], c.start,
-                             self.kv.block_table(c.request), c.samples)
+        tokens = c.request.token_ids[c.start : c.start + c.num_tokens] + c.draft_token_ids
+        return SequenceChunk(c.request.id, tokens, c.start, self.kv.block_table(c.request), c.samples,
+                             len(c.draft_token_ids))
 
     def _fail(self, request: Request, reason: str) -> RequestOutput:
         """End one request with finish_reason "error"; its blocks are freed, the batch goes on."""
@@ -272,7 +320,8 @@ class Engine:
                            free_blocks=self.kv.num_free_blocks, total_blocks=len(self.kv.blocks),
                            preemptions=self.scheduler.num_preemptions, generated_tokens=self.generated_tokens,
                            prefix_cache=self.kv.stats, kv_cache_dtype=self.config.kv_cache_dtype,
-                           kv_cache_bytes_per_token=self.kv_bytes_per_token, block_size=self.kv.block_size)
+                           kv_cache_bytes_per_token=self.kv_bytes_per_token, block_size=self.kv.block_size,
+                           speculation=self.speculation if self.config.speculative is not None else None)
 
     def _take_inbox(self) -> list[RequestOutput]:
         with self._lock:

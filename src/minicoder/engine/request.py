@@ -46,6 +46,8 @@ class RequestOutput:
     cached_tokens: int  # prompt tokens whose keys/values came from the prefix cache
     time_to_first_token: float | None  # seconds from submit to the first generated token
     error: str | None = None  # with finish_reason "error": what failed (details are in the log)
+    draft_tokens: int = 0  # speculative decoding: draft tokens verified for this request so far
+    accepted_draft_tokens: int = 0  # ... of which the model agreed with (each one a forward saved)
 
 
 class PenaltyState:
@@ -93,6 +95,12 @@ class Request:
         self.finish_reason: FinishReason | None = None
         self.error: str | None = None
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
+
+    def record_drafts(self, proposed: int, accepted: int):
+        self.num_draft_tokens += proposed
+        self.num_accepted_tokens += accepted
 
     @property
     def finished(self) -> bool:
@@ -152,4 +160,6 @@ class Request:
             cached_tokens=self.num_cached_tokens,
             time_to_first_token=ttft,
             error=self.error,
+            draft_tokens=self.num_draft_tokens,
+            accepted_draft_tokens=self.num_accepted_tokens,
         )

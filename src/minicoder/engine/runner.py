@@ -37,6 +37,7 @@ class SequenceChunk:
     start: int  # position of token_ids[0]; positions before it are in the cache
     block_table: list[int]
     wants_logits: bool  # the last token's logits give the next token
+    num_draft: int = 0  # the last num_draft tokens are speculative drafts: logits after each of them too
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
@@ -215,7 +216,8 @@ class PagedLlamaRunner:
 
     @torch.inference_mode()
     def forward(self, chunks: list[SequenceChunk]) -> torch.Tensor:
-        """Logits (one row per chunk that wants them, in chunk order) after writing every chunk's K/V."""
+        """Logits (one row per chunk that wants them, 1 + num_draft with drafts, in chunk order) after writing
+        every chunk's K/V."""
         bs = self.block_size
         # Decodes first, so they are rows 0..B-1 of the step.
         order = sorted(range(len(chunks)), key=lambda i: len(chunks[i].token_ids) > 1)
@@ -257,8 +259,8 @@ class PagedLlamaRunner:
             gate_up = _project(h, w.gate_up)
             gate, up = gate_up.chunk(2, dim=-1)
             x = _add_projection(x, F.silu(gate) * up, w.down)
-        rows = [last_row[i] for i, c in enumerate(chunks) if c.wants_logits]
-        if len(rows) < T:
+        rows = [r for i, c in enumerate(chunks) if c.wants_logits for r in range(last_row[i] - c.num_draft, last_row[i] + 1)]
+        if rows != list(range(T)):  # a step of decodes alone is already in chunk order
             x = x[rows]
         return rms_norm(x, self.final_norm, cfg.rms_norm_eps) @ self.lm_head
 

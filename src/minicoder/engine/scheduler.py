@@ -10,6 +10,7 @@ back to the front of the queue, to be recomputed later (mostly from the prefix c
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .kv_cache import KVCacheManager
@@ -20,6 +21,7 @@ from .request import Request
 class ScheduledChunk:
     request: Request
     num_tokens: int  # token_ids[start : start + num_tokens] run this step
+    draft_token_ids: list[int] = field(default_factory=list)  # speculated tokens run after them (speculation.py)
     start: int = field(init=False)
     samples: bool = field(init=False)  # the chunk reaches the last known token: its logits give the next one
 
@@ -29,8 +31,10 @@ class ScheduledChunk:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 propose: Callable[[Request, int], list[int]] | None = None):
         self.kv = kv
+        self.propose = propose  # (request, most drafts) -> draft tokens, with speculative decoding on
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
@@ -58,6 +62,13 @@ class Scheduler:
             if request not in self.running:  # preempted a moment ago to make room
                 continue
             n = min(len(request.token_ids) - request.num_computed_tokens, budget)
+            if n == 1 and self.propose is not None and budget > 1:
+                draft = self.propose(request, budget - 1)
+                # Speculation only uses free blocks: it never preempts another request.
+                if draft and self.kv.allocate(request, 1 + len(draft)):
+                    chunks.append(ScheduledChunk(request, 1, draft))
+                    budget -= 1 + len(draft)
+                    continue
             if self._allocate_or_preempt(request, n):
                 chunks.append(ScheduledChunk(request, n))
                 budget -= n
@@ -85,6 +96,13 @@ class Scheduler:
         for chunk in chunks:
             chunk.request.num_computed_tokens += chunk.num_tokens
             self.kv.register_full_blocks(chunk.request)
+
+    def accept_drafts(self, request: Request, num_accepted: int):
+        """The first `num_accepted` drafts of the request's last chunk were kept: their keys/values are
+        valid cache entries. Blocks that only held rejected drafts go back to the pool."""
+        request.num_computed_tokens += num_accepted
+        self.kv.register_full_blocks(request)
+        self.kv.trim(request, request.num_computed_tokens)
 
     def _allocate_or_preempt(self, request: Request, num_tokens: int) -> bool:
         """Blocks for a running request, preempting the latest admitted ones until they fit.
