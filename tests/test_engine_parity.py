@@ -78,13 +78,13 @@ def test_model_is_peaked(peaked_dir, hf_model):
 
 def test_single_request(peaked_dir, hf_model):
     engine = Engine(peaked_dir)
-    [out] = engine.generate([PROMPTS[1]], params(24))
+    [out] = engine.run_to_completion([PROMPTS[1]], params(24))
     assert_matches_transformers(hf_model, engine, PROMPTS[1], out)
 
 
 def test_batch_of_different_lengths(peaked_dir, hf_model):
     engine = Engine(peaked_dir, EngineConfig(enable_prefix_caching=False))
-    outs = engine.generate(PROMPTS, [params(8 + 4 * i) for i in range(len(PROMPTS))])
+    outs = engine.run_to_completion(PROMPTS, [params(8 + 4 * i) for i in range(len(PROMPTS))])
     for prompt, out in zip(PROMPTS, outs):
         assert_matches_transformers(hf_model, engine, prompt, out)
 
@@ -92,16 +92,16 @@ def test_batch_of_different_lengths(peaked_dir, hf_model):
 def test_chunked_prefill(peaked_dir, hf_model):
     engine = Engine(peaked_dir, EngineConfig(max_num_batched_tokens=16, enable_prefix_caching=False))
     assert len(engine.tokenizer.encode(PROMPTS[3])) > 3 * 16  # prefilled over several steps, beside decodes
-    outs = engine.generate(PROMPTS[:4], params(12))
+    outs = engine.run_to_completion(PROMPTS[:4], params(12))
     for prompt, out in zip(PROMPTS, outs):
         assert_matches_transformers(hf_model, engine, prompt, out)
 
 
 def test_prefix_cache_hit(peaked_dir, hf_model):
     engine = Engine(peaked_dir)
-    engine.generate([PROMPTS[3]], params(4))
+    engine.run_to_completion([PROMPTS[3]], params(4))
     longer = PROMPTS[3] + "print('done')\n"  # shares the cached blocks, then goes on
-    [out] = engine.generate([longer], params(16))
+    [out] = engine.run_to_completion([longer], params(16))
     assert out.cached_tokens >= 32
     assert_matches_transformers(hf_model, engine, longer, out)
 
@@ -110,7 +110,7 @@ def test_preemption(peaked_dir, hf_model):
     # 6 blocks of 16 tokens cannot hold four ~30-token sequences: the newest are preempted and recomputed.
     engine = Engine(peaked_dir, EngineConfig(num_blocks=6, max_num_batched_tokens=64))
     prompts = [PROMPTS[i] for i in (0, 2, 4, 1)][:3] + ["x = [i * i for i in range(10)]\n"]
-    outs = engine.generate(prompts, params(20))
+    outs = engine.run_to_completion(prompts, params(20))
     assert engine.stats().preemptions > 0
     for prompt, out in zip(prompts, outs):
         assert_matches_transformers(hf_model, engine, prompt, out)

@@ -122,3 +122,36 @@ def test_speculative_config_is_validated(peaked_dir):
                 {"method": "eagle"}):
         with pytest.raises(ValueError, match=next(iter(bad)).replace("method", "speculative method")):
             Engine(peaked_dir, EngineConfig(speculative=SpeculativeConfig(**bad)))
+
+
+def test_generate_and_serve_flags(peaked_dir, capsys):
+    from fastapi.testclient import TestClient
+
+    from minicoder.cli import main
+    from minicoder.engine import AsyncEngine
+    from minicoder.server import ServerSettings, create_app
+
+    args = ["generate", str(peaked_dir), "--prompt", EDIT_PROMPT, "--max-new-tokens", "24"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main([*args, "--speculative", "ngram", "--num-speculative-tokens", "3", "--prompt-lookup-max", "3"]) == 0
+    assert capsys.readouterr().out == plain
+    for bad, message in ((["--num-speculative-tokens", "3"], "--num-speculative-tokens needs --speculative ngram"),
+                         (["--speculative", "ngram", "--num-speculative-tokens", "0"], "--num-speculative-tokens must"),
+                         (["--speculative", "ngram", "--prompt-lookup-min", "5"], "--prompt-lookup-min (5)")):
+        assert main([*args, *bad]) == 2
+        assert f"error: {message}" in capsys.readouterr().err
+
+    app = create_app(AsyncEngine(engine(peaked_dir, k=5)), ServerSettings(model_name="m"))
+    [expected], _, _ = run(peaked_dir, [EDIT_PROMPT], SamplingParams(max_new_tokens=24, ignore_eos=True))
+    with TestClient(app) as client:
+        for temperature in (0, 1e-7):  # a tiny temperature is greedy: it speculates too
+            body = client.post("/v1/completions", json={"prompt": EDIT_PROMPT, "max_tokens": 24, "ignore_eos": True,
+                                                         "temperature": temperature}).json()
+            assert body["choices"][0]["text"] == expected.text
+        metrics = {line.split("{")[0]: float(line.rsplit(" ", 1)[1])
+                   for line in client.get("/metrics").text.splitlines() if not line.startswith("#")}
+    stats = app.state.server.engine.engine.stats().speculation
+    assert metrics["minicoder_spec_decode_num_draft_tokens_total"] == stats.draft_tokens > 0
+    assert metrics["minicoder_spec_decode_num_accepted_tokens_total"] == stats.accepted_tokens > 0
+    assert metrics["minicoder_spec_decode_request_acceptance_rate_count"] == 2

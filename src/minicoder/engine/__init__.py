@@ -4,7 +4,8 @@ from .async_engine import AsyncEngine
 from .engine import Engine, EngineConfig, EngineStats, QueueFull
 from .prompts import FimFormat, PromptBuilder, find_fim_format
 from .request import RequestFailed, RequestOutput, TokenLogprob
-from .sampling import SamplingParams
+from .sampling_params import SamplingParams
+from .speculation import SpeculativeConfig
 
 __all__ = ["AsyncEngine", "Engine", "EngineConfig", "EngineStats", "FimFormat", "PromptBuilder", "QueueFull",
-           "RequestFailed", "RequestOutput", "SamplingParams", "TokenLogprob", "find_fim_format"]
+           "RequestFailed", "RequestOutput", "SamplingParams", "SpeculativeConfig", "TokenLogprob", "find_fim_format"]

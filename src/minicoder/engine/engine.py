@@ -6,6 +6,9 @@
         for out in engine.step():
             print(out.delta_text, end="")
 
+`run_to_completion(prompts)` runs a batch to the end and `stream(prompt)` yields one request's outputs,
+both stepping the engine in the calling thread; `AsyncEngine.stream` is the asyncio version.
+
 `submit` and `cancel` are safe to call from other threads while one thread runs `step` (that is how
 `AsyncEngine` serves many clients). Each step: the scheduler picks the chunks, the runner computes their
 logits in one batched forward, the sampler picks tokens, and each request turns its tokens into text.
@@ -28,7 +31,7 @@ from .kv_cache import KVCacheManager, PrefixCacheStats
 from .prompts import PromptBuilder
 from .request import Request, RequestFailed, RequestOutput
 from .sampler import sample, token_logprob
-from .sampling import SamplingParams
+from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .runner import SequenceChunk
 from .speculation import NgramProposer, SpeculationStats, SpeculativeConfig, accept_greedy
@@ -279,8 +282,8 @@ class Engine:
         self._take_inbox()
         return [self._fail(request, reason) for request in list(self.requests.values())]
 
-    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
-                 ) -> list[RequestOutput]:
+    def run_to_completion(self, prompts: list[str | list[int]],
+                          params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
         """Run a batch of prompts to completion; outputs in prompt order. Any number of prompts: they are
         submitted as the waiting queue has room. A request the engine failed has finish_reason "error"."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)

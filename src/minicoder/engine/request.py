@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 
 from .detokenizer import IncrementalDetokenizer, StopStringFilter
-from .sampling import SamplingParams
+from .sampling_params import SamplingParams
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]  # error: failed alone, see `error`
 

@@ -4,7 +4,8 @@ Every step, running requests go first (a decode costs one token of the budget, a
 takes what is left of it), then waiting requests join while there is budget, a free sequence slot and
 KV blocks. A long prompt is prefilled a chunk per step, so it never stalls the running requests' decode.
 When blocks run out, the most recently admitted request is preempted: its blocks are freed and it goes
-back to the front of the queue, to be recomputed later (mostly from the prefix cache).
+back to the front of the queue, to be recomputed later (mostly from the prefix cache). With speculative
+decoding on, decodes then get draft tokens (speculation.py) from whatever budget and free blocks are left.
 """
 
 from __future__ import annotations
@@ -62,13 +63,6 @@ class Scheduler:
             if request not in self.running:  # preempted a moment ago to make room
                 continue
             n = min(len(request.token_ids) - request.num_computed_tokens, budget)
-            if n == 1 and self.propose is not None and budget > 1:
-                draft = self.propose(request, budget - 1)
-                # Speculation only uses free blocks: it never preempts another request.
-                if draft and self.kv.allocate(request, 1 + len(draft)):
-                    chunks.append(ScheduledChunk(request, 1, draft))
-                    budget -= 1 + len(draft)
-                    continue
             if self._allocate_or_preempt(request, n):
                 chunks.append(ScheduledChunk(request, n))
                 budget -= n
@@ -89,7 +83,21 @@ class Scheduler:
             self.running.append(request)
             chunks.append(ScheduledChunk(request, n))
             budget -= n
+        if self.propose is not None:
+            self._add_drafts(chunks, budget)
         return chunks
+
+    def _add_drafts(self, chunks: list[ScheduledChunk], budget: int):
+        """Speculative drafts for decodes, from what the step leaves: the token budget and free blocks no
+        scheduled chunk needs, so speculating never delays a prefill or preempts a request."""
+        for chunk in chunks:
+            if budget == 0:
+                return
+            if chunk.num_tokens == 1 and chunk.samples:
+                draft = self.propose(chunk.request, budget)
+                if draft and self.kv.allocate(chunk.request, 1 + len(draft)):
+                    chunk.draft_token_ids = draft
+                    budget -= len(draft)
 
     def after_step(self, chunks: list[ScheduledChunk]):
         """The chunks' keys/values are now in the cache."""

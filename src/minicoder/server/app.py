@@ -55,7 +55,6 @@ T = TypeVar("T")
 
 # The tutorial server's defaults, used when a field is absent.
 HISTORY_CHAT_DEFAULTS = {"max_length": 1024, "top_k": 5, "top_p": 0.7, "temperature": 0.95, "repetition_penalty": 1.1}
-GREEDY_BELOW = 1e-5  # a temperature this small is greedy (dividing logits by it overflows)
 FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "abort"}
 ENGINE_TO_API_FIELDS = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
 ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 429)}
@@ -403,7 +402,7 @@ class _Server:
         temperature = _or(body.temperature, 1.0)
         params = SamplingParams(
             max_new_tokens=max_new_tokens,
-            temperature=0.0 if temperature < GREEDY_BELOW else temperature,
+            temperature=temperature,  # a tiny one is greedy: SamplingParams.greedy
             top_k=max(_or(body.top_k, 0), 0),
             top_p=_or(body.top_p, 1.0),
             min_p=_or(body.min_p, 0.0),

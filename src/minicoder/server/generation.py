@@ -46,7 +46,7 @@ class Generation:
         """Submit every choice to the engine. Raises what submit raises (QueueFull, ValueError), with
         nothing left running."""
         for i, (prompt_ids, params) in enumerate(self.requests):
-            task = asyncio.create_task(self._pump(i, self.engine.generate(prompt_ids, params, self.engine_ids[i])))
+            task = asyncio.create_task(self._pump(i, self.engine.stream(prompt_ids, params, self.engine_ids[i])))
             task.add_done_callback(self._on_pump_done)
             self._tasks.append(task)
         # Each task runs up to its first wait on the engine: by then its request is submitted, or
@@ -121,6 +121,9 @@ class Generation:
         seconds = time.perf_counter() - self.arrival
         if self.metrics is not None:
             self.metrics.request_done(reasons, prompt_tokens, completion_tokens, ttft, seconds)
+            for out in self.latest:
+                if out is not None:
+                    self.metrics.drafts_done(out.draft_tokens, out.accepted_draft_tokens)
         log.info("%s: %d prompt tokens (%d cached), %d completion tokens, first token %s, total %.3f s, finish %s",
                  self.id, prompt_tokens, cached, completion_tokens, "-" if ttft is None else f"{ttft:.3f} s",
                  seconds, ",".join(reasons))
