@@ -32,25 +32,28 @@ from minicoder.engine.speculation import SpeculativeConfig
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def source_functions(limit: int, min_lines: int = 8, max_lines: int = 30) -> list[str]:
-    """Top-level functions of src/minicoder, 8-30 lines long, in a fixed order."""
+def source_functions(limit: int, fits, min_lines: int = 8, max_lines: int = 30) -> list[str]:
+    """Top-level functions of src/minicoder, 8-30 lines long, whose prompts `fits`, in a fixed order."""
     found = []
     for path in sorted((ROOT / "src" / "minicoder").rglob("*.py")):
         text = path.read_text(encoding="utf-8")
         for node in ast.parse(text).body:
             if isinstance(node, ast.FunctionDef) and min_lines <= node.end_lineno - node.lineno + 1 <= max_lines:
-                found.append(ast.get_source_segment(text, node))
+                function = ast.get_source_segment(text, node)
+                if fits(edit_prompt(function)):
+                    found.append(function)
                 if len(found) == limit:
                     return found
     return found
 
 
-def build_prompts(count: int) -> dict[str, list[str]]:
-    functions = source_functions(count)
-    edit = [f"{f}\n\n\n# The same function, rewritten with clearer variable names:\n{f.splitlines()[0]}\n"
-            for f in functions]
-    normal = [f.splitlines()[0] + "\n" for f in functions]
-    return {"edit": edit, "normal": normal}
+def edit_prompt(function: str) -> str:
+    return f"{function}\n\n\n# The same function, rewritten with clearer variable names:\n{function.splitlines()[0]}\n"
+
+
+def build_prompts(count: int, fits) -> dict[str, list[str]]:
+    functions = source_functions(count, fits)
+    return {"edit": [edit_prompt(f) for f in functions], "normal": [f.splitlines()[0] + "\n" for f in functions]}
 
 
 def run_config(model: Path, prompts: list[str], params: SamplingParams, speculative: SpeculativeConfig | None,
@@ -99,8 +102,13 @@ def main():
         raise SystemExit(f"error: {model}: not a model directory (pass --model)")
     torch.set_num_threads(args.threads)
     params = SamplingParams(max_new_tokens=args.new_tokens)  # greedy; stops at end-of-sequence as users see
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    context = json.loads((model / "config.json").read_text()).get("max_position_embeddings", 2048)
+    prompts_by_kind = build_prompts(args.prompts, lambda p: len(tokenizer.encode(p)) + args.new_tokens < context)
     results = []
-    for kind, prompts in build_prompts(args.prompts).items():
+    for kind, prompts in prompts_by_kind.items():
         for batch in (False, True) if args.batch else (False,):
             plain = run_config(model, prompts, params, None, batch, args.dtype)
             results.append({"prompts": kind, **plain})

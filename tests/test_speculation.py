@@ -59,6 +59,24 @@ def test_propose_ngram_takes_the_most_recent_longest_match():
     assert propose_ngram([1, 2], 1, 2, 0) == []
 
 
+def test_propose_ngram_equals_a_brute_force_search():
+    import random
+
+    def brute_force(tokens, min_n, max_n, k):
+        for n in range(min(max_n, len(tokens) - 1), min_n - 1, -1):
+            for i in range(len(tokens) - 1 - n, -1, -1):  # most recent first
+                if tokens[i : i + n] == tokens[len(tokens) - n :]:
+                    return tokens[i + n : i + n + k]
+        return []
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        tokens = [rng.randint(0, 3) for _ in range(rng.randint(0, 30))]
+        min_n = rng.randint(1, 3)
+        max_n, k = rng.randint(min_n, 5), rng.randint(1, 5)
+        assert propose_ngram(tokens, min_n, max_n, k) == brute_force(tokens, min_n, max_n, k), (tokens, min_n, max_n)
+
+
 def test_accept_greedy_keeps_the_agreeing_prefix_and_the_models_token():
     import torch
 

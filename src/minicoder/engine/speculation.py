@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from numpy.lib.stride_tricks import sliding_window_view
 
 from .request import Request
 from .sampler import finite_logits
@@ -61,14 +60,19 @@ def propose_ngram(tokens: list[int], min_n: int, max_n: int, k: int) -> list[int
     if k < 1 or length < min_n + 1:
         return []
     arr = np.asarray(tokens, dtype=np.int64)
-    for n in range(min(max_n, length - 1), min_n - 1, -1):
-        # Windows of arr[:-1] start at 0..length-1-n, so each is followed by at least one token.
-        windows = sliding_window_view(arr[: length - 1], n)
-        hits = np.flatnonzero((windows == arr[length - n :]).all(axis=1))
-        if hits.size:
-            start = int(hits[-1]) + n
-            return arr[start : start + k].tolist()
-    return []
+    # Earlier positions holding the last token (each followed by at least one token), then how far back
+    # each match goes: one pass over the text, then work only on the candidates.
+    ends = np.flatnonzero(arr[: length - 1] == arr[-1])
+    matched = np.ones(len(ends), dtype=np.int64)
+    alive = np.ones(len(ends), dtype=bool)
+    for back in range(1, min(max_n, length - 1)):
+        alive &= ends >= back
+        alive[alive] = arr[ends[alive] - back] == arr[length - 1 - back]
+        matched += alive
+    if not len(ends) or (n := min(int(matched.max()), max_n)) < min_n:
+        return []
+    end = int(ends[matched >= n][-1])
+    return arr[end + 1 : end + 1 + k].tolist()
 
 
 def accept_greedy(logits: torch.Tensor, draft: list[int]) -> tuple[list[int], int]:
