@@ -50,7 +50,7 @@ class Generation:
             task.add_done_callback(self._on_pump_done)
             self._tasks.append(task)
         # Each task runs up to its first wait on the engine: by then its request is submitted, or
-        # submit has raised (AsyncEngine.generate submits before it first waits).
+        # submit has raised (AsyncEngine.stream submits before it first waits).
         await asyncio.sleep(0)
         for task in self._tasks:
             if task.done() and not task.cancelled() and task.exception() is not None:
