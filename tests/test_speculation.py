@@ -101,6 +101,14 @@ def test_edit_prompt_same_tokens_and_logprobs_in_fewer_steps(peaked_dir, k):
     assert e.kv.num_free_blocks == len(e.kv.blocks)  # rejected drafts' blocks came back
 
 
+def test_normal_prompts_alone_same_tokens(peaked_dir):
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True, logprobs=2)
+    for prompt in NORMAL_PROMPTS[:2]:
+        plain, _, _ = run(peaked_dir, [prompt], params)
+        spec, _, _ = run(peaked_dir, [prompt], params, k=5)
+        assert_same(plain, spec)
+
+
 def test_batch_mixes_speculating_sampled_and_prefilling_requests(peaked_dir):
     greedy = SamplingParams(max_new_tokens=40, ignore_eos=True)
     sampled = SamplingParams(max_new_tokens=40, ignore_eos=True, temperature=0.8, seed=7)
