@@ -88,6 +88,25 @@ def save_tiny_llama(path: Path, context: int = 512, tie_word_embeddings: bool = 
     return path
 
 
+def save_peaked_llama(path: Path, context: int = 512, sharpness: float = 40.0) -> Path:
+    """`save_tiny_llama` with confident predictions: lm_head and the query projections scaled up.
+
+    A random tiny model is nearly uniform, so a cache bug moves its logits by too little to change a greedy
+    token; here the top token typically carries most of the mass and attention is sharp, so reading one wrong
+    cache slot moves the logprobs by far more than a float tolerance.
+    """
+    import transformers
+
+    save_tiny_llama(path, context)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(sharpness)
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(sharpness / 8)
+    model.save_pretrained(path)
+    return path
+
+
 @contextlib.contextmanager
 def uvicorn_in_thread(config):
     """Run a real uvicorn server (`config`: a uvicorn.Config) on a free loopback port in a thread; yields the port."""

@@ -36,7 +36,7 @@ def greedy(max_new_tokens=6, **kw) -> ChatOptions:
 def test_chat_reply_is_the_engine_output_and_history_is_kept(engine):
     session = ChatSession(engine, greedy(mode="chat"))
     reply = "".join(session.reply("Write hello world."))
-    [expected] = engine.generate([engine.prompts.chat([{"role": "user", "content": "Write hello world."}])],
+    [expected] = engine.run_to_completion([engine.prompts.chat([{"role": "user", "content": "Write hello world."}])],
                                  SamplingParams(max_new_tokens=6))
     assert reply == expected.text and session.history == [("Write hello world.", reply)]
     second = engine.tokenizer.decode(session.prompt_ids("And in C?"))
@@ -58,7 +58,7 @@ def test_history_is_clipped_to_max_seq_len(engine):
 def test_raw_mode_continues_each_line_without_history(engine):
     session = ChatSession(engine, greedy(mode="raw"))
     reply = "".join(session.reply("def fibonacci(n):"))
-    [expected] = engine.generate(["def fibonacci(n):"], SamplingParams(max_new_tokens=6))
+    [expected] = engine.run_to_completion(["def fibonacci(n):"], SamplingParams(max_new_tokens=6))
     assert reply == expected.text and session.history == []
     assert session.prompt_ids("x = 1") == engine.tokenizer.encode("x = 1")
 

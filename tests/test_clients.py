@@ -60,7 +60,7 @@ def reference(model_dir):
 
 
 def greedy(engine: Engine, ids: list[int], n: int) -> str:
-    return engine.generate([ids], SamplingParams(max_new_tokens=n))[0].text
+    return engine.run_to_completion([ids], SamplingParams(max_new_tokens=n))[0].text
 
 
 @pytest.fixture(scope="module")

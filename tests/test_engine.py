@@ -78,7 +78,7 @@ def test_greedy_single_request_matches_transformers(tied, llama_dir, hf_llama, t
         llama_dir = save_tiny_llama(tmp_path, tie_word_embeddings=True)
         hf_llama = transformers.AutoModelForCausalLM.from_pretrained(llama_dir).eval()
     engine = make_engine(llama_dir)
-    [out] = engine.generate([PROMPTS[3]], SamplingParams(max_new_tokens=24))
+    [out] = engine.run_to_completion([PROMPTS[3]], SamplingParams(max_new_tokens=24))
     prompt_ids = engine.tokenizer.encode(PROMPTS[3])
     assert out.token_ids == hf_greedy(hf_llama, engine, prompt_ids, 24)
     assert out.prompt_tokens == len(prompt_ids) and out.completion_tokens == len(out.token_ids)
@@ -128,7 +128,7 @@ def test_preemption_recomputes_and_keeps_outputs(llama_dir, hf_llama):
     # 6 blocks of 16 tokens cannot hold four 30-token sequences: the newest are preempted and recomputed.
     engine = make_engine(llama_dir, num_blocks=6, max_num_batched_tokens=64)
     prompts = [PROMPTS[i] for i in (2, 4, 5, 6)]
-    outs = engine.generate(prompts, SamplingParams(max_new_tokens=20, ignore_eos=True))
+    outs = engine.run_to_completion(prompts, SamplingParams(max_new_tokens=20, ignore_eos=True))
     assert engine.stats().preemptions > 0
     for prompt, out in zip(prompts, outs):
         expected = hf_greedy(hf_llama, engine, engine.tokenizer.encode(prompt), 20)
@@ -139,14 +139,14 @@ def test_preemption_recomputes_and_keeps_outputs(llama_dir, hf_llama):
 def test_prefix_cache_hit_gives_same_output(llama_dir, hf_llama):
     engine = make_engine(llama_dir)
     params = SamplingParams(max_new_tokens=16)
-    [miss] = engine.generate([PROMPTS[6]], params)
+    [miss] = engine.run_to_completion([PROMPTS[6]], params)
     assert miss.cached_tokens == 0
-    [hit] = engine.generate([PROMPTS[6]], params)
+    [hit] = engine.run_to_completion([PROMPTS[6]], params)
     prompt_len = len(engine.tokenizer.encode(PROMPTS[6]))
     assert hit.cached_tokens == (prompt_len - 1) // 16 * 16 > 0
     assert hit.token_ids == miss.token_ids
     longer = PROMPTS[6] + "print('done')\n"  # shares the cached blocks, then goes on
-    [partial] = engine.generate([longer], params)
+    [partial] = engine.run_to_completion([longer], params)
     assert partial.cached_tokens >= hit.cached_tokens
     assert partial.token_ids == hf_greedy(hf_llama, engine, engine.tokenizer.encode(longer), 16)
     assert engine.stats().prefix_cache.hit_tokens == hit.cached_tokens + partial.cached_tokens
@@ -185,11 +185,11 @@ def test_same_seed_same_text_alone_and_in_batch(llama_dir):
     engine = make_engine(llama_dir)
     params = SamplingParams(max_new_tokens=24, temperature=0.9, top_k=50, top_p=0.95, min_p=0.01, seed=1234,
                             repetition_penalty=1.1, presence_penalty=0.2, frequency_penalty=0.1, ignore_eos=True)
-    [alone] = engine.generate([PROMPTS[1]], params)
+    [alone] = engine.run_to_completion([PROMPTS[1]], params)
     others = [SamplingParams(max_new_tokens=30, temperature=1.0, seed=i) for i in range(5)] + [SamplingParams()]
-    batch = engine.generate([PROMPTS[1], *PROMPTS[2:8]], [params, *others])
+    batch = engine.run_to_completion([PROMPTS[1], *PROMPTS[2:8]], [params, *others])
     assert batch[0].token_ids == alone.token_ids and batch[0].text == alone.text
-    [other_seed] = engine.generate([PROMPTS[1]], dataclasses.replace(params, seed=99))
+    [other_seed] = engine.run_to_completion([PROMPTS[1]], dataclasses.replace(params, seed=99))
     assert other_seed.token_ids != alone.token_ids
 
 
@@ -230,18 +230,29 @@ def test_incremental_detokenizer_never_emits_broken_utf8(tokenizer_dir):
 
 def test_stop_tokens_min_tokens_and_logprobs(llama_dir):
     engine = make_engine(llama_dir)
-    [free] = engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=6, ignore_eos=True, logprobs=3))
+    [free] = engine.run_to_completion([PROMPTS[0]], SamplingParams(max_new_tokens=6, ignore_eos=True, logprobs=3))
     first = free.token_ids[0]
     assert len(free.logprobs) == 6
     for lp, token in zip(free.logprobs, free.token_ids):
         assert lp.top[0][0] == token and len(lp.top) == 3 and lp.top[0][1] == lp.logprob <= 0
-    [stopped] = engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=6, stop_token_ids=[first]))
+    [stopped] = engine.run_to_completion([PROMPTS[0]], SamplingParams(max_new_tokens=6, stop_token_ids=[first]))
     assert stopped.token_ids == [first] and stopped.finish_reason == "stop" and stopped.text == ""
-    [held] = engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=6, stop_token_ids=[first], min_new_tokens=3))
+    [held] = engine.run_to_completion([PROMPTS[0]], SamplingParams(max_new_tokens=6, stop_token_ids=[first], min_new_tokens=3))
     assert first not in held.token_ids[:3]
 
 
 # --- cancellation, queue bound, asyncio ------------------------------------------------------------------------
+def test_a_tiny_temperature_is_greedy(llama_dir):
+    """Dividing logits by 1e-7 would overflow: SamplingParams treats it as the argmax it tends to."""
+    assert SamplingParams(temperature=1e-7).greedy and SamplingParams(temperature=0).greedy
+    assert not SamplingParams(temperature=1e-5).greedy
+    engine = make_engine(llama_dir)
+    greedy, tiny = engine.run_to_completion([PROMPTS[3]] * 2, [SamplingParams(max_new_tokens=12, ignore_eos=True),
+                                                               SamplingParams(max_new_tokens=12, ignore_eos=True,
+                                                                              temperature=1e-7, seed=None)])
+    assert tiny.token_ids == greedy.token_ids
+
+
 def test_cancel_frees_blocks_and_queue_bound(llama_dir):
     engine = make_engine(llama_dir, max_waiting=2, enable_prefix_caching=False)
     rid = engine.submit(PROMPTS[3], SamplingParams(max_new_tokens=100, ignore_eos=True))
@@ -265,7 +276,7 @@ def test_async_engine_streams_concurrently_and_cancels_on_disconnect(llama_dir):
 
     async def first_tokens(prompt, n):
         got = []
-        stream = engine.generate(prompt, SamplingParams(max_new_tokens=50, ignore_eos=True))
+        stream = engine.stream(prompt, SamplingParams(max_new_tokens=50, ignore_eos=True))
         async with contextlib.aclosing(stream):
             async for out in stream:
                 got.append(out)
@@ -304,7 +315,7 @@ def test_transformers_backend_on_deepseek_v2(tmp_path, tokenizer_dir):
     engine = make_engine(tmp_path, max_num_batched_tokens=16)
     assert engine.backend == "transformers"
     prompts = [PROMPTS[0], PROMPTS[3], PROMPTS[4]]
-    outs = engine.generate(prompts, SamplingParams(max_new_tokens=12))
+    outs = engine.run_to_completion(prompts, SamplingParams(max_new_tokens=12))
     for prompt, out in zip(prompts, outs):
         assert out.token_ids == hf_greedy(engine.runner.model, engine, engine.tokenizer.encode(prompt), 12)
     assert engine.kv.num_free_blocks == len(engine.kv.blocks)

@@ -27,7 +27,7 @@ def engine(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def innocent_text(engine):
-    [out] = engine.generate(["def add(a, b):"], INNOCENT)
+    [out] = engine.run_to_completion(["def add(a, b):"], INNOCENT)
     return out.text
 
 
@@ -141,7 +141,7 @@ def test_async_engine_fails_only_the_bad_stream(engine, innocent_text, monkeypat
 
         async def collect(prompt, params, rid):
             text = ""
-            async for out in async_engine.generate(prompt, params, rid):
+            async for out in async_engine.stream(prompt, params, rid):
                 text += out.delta_text
             return text
 
@@ -197,7 +197,7 @@ def test_stop_string_hold_back_matches_its_definition():
 
 def test_a_seeded_request_keeps_its_text_when_a_neighbour_fails_in_sampling(engine):
     seeded = SamplingParams(max_new_tokens=12, ignore_eos=True, temperature=1.0, seed=5)
-    [alone] = engine.generate(["def add(a, b):"], seeded)
+    [alone] = engine.run_to_completion(["def add(a, b):"], seeded)
     innocent = engine.submit("def add(a, b):", seeded)
     victim = engine.submit("def f():", SamplingParams(max_new_tokens=8, logprobs=2, temperature=1.0, seed=1))
     engine.step()

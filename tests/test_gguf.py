@@ -15,8 +15,8 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from minicoder.engine.generate import Generator  # noqa: E402
-from minicoder.engine.sampling import SamplingParams  # noqa: E402
+from minicoder.engine.single_user import SingleUserEngine  # noqa: E402
+from minicoder.engine.sampling_params import SamplingParams  # noqa: E402
 from minicoder.errors import MinicoderError  # noqa: E402
 from minicoder.export.gguf import configure_parser, export_gguf, permute_rotary, run, unpermute_rotary  # noqa: E402
 from minicoder.model import LlamaForCausalLM, ModelConfig, apply_rope, rope_tables  # noqa: E402
@@ -332,11 +332,11 @@ def test_llama_cpp_tokenizes_like_minicoder(tied_dir, llama_f16):
 
 def test_llama_cpp_greedy_equals_minicoder(tied_dir, llama_f16):
     """Greedy tokens are equal; a prompt may part ways only where minicoder's own top-2 logits nearly tie."""
-    tok, gen, model = Tokenizer(tied_dir), Generator(tied_dir), LlamaForCausalLM.from_pretrained(tied_dir)
+    tok, gen, model = Tokenizer(tied_dir), SingleUserEngine(tied_dir), LlamaForCausalLM.from_pretrained(tied_dir)
     exact, distinct = 0, set()
     for prompt in PROMPTS:
         prompt_ids = tok.encode(prompt, bos=True)
-        ours = list(gen.generate_ids(prompt_ids, SamplingParams(max_new_tokens=24)))
+        ours = list(gen.stream_token_ids(prompt_ids, SamplingParams(max_new_tokens=24)))
         theirs = llama_cpp_greedy(llama_f16, prompt_ids, 24, {tok.eos_id, tok.eot_id})
         step = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
         if step is None:

@@ -41,7 +41,7 @@ def reference(model_dir):
     def generate(prompt: str | list[dict], max_new_tokens: int = 12, stop=()) -> tuple[str, int, int]:
         ids = engine.prompts.completion(prompt) if isinstance(prompt, str) else engine.prompts.chat(prompt)
         params = SamplingParams(max_new_tokens=max_new_tokens, stop=list(stop), repetition_penalty=1.3)
-        out = engine.generate([ids], params)[0]
+        out = engine.run_to_completion([ids], params)[0]
         return out.text, out.prompt_tokens, out.completion_tokens
 
     return generate

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from minicoder.engine.generate import Generator
-from minicoder.engine.sampling import SamplingParams
+from minicoder.engine.single_user import SingleUserEngine
+from minicoder.engine.sampling_params import SamplingParams
 from minicoder.model import KVCache, LlamaForCausalLM, ModelConfig
 from minicoder.tokenizer import Tokenizer
 
@@ -66,14 +66,14 @@ def test_kv_cache_matches_full_forward():
 
 def test_greedy_generate_equals_transformers(tiny_trained):
     final = tiny_trained / "final"
-    gen = Generator(final)
+    gen = SingleUserEngine(final)
     hf_tok = AutoTokenizer.from_pretrained(final)
     hf = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
     stop = sorted(gen.engine.eos_token_ids)
     for prompt in ["def hello_world():", "import os\nclass ", "    for i in range("]:
         prompt_ids = gen.prompt_ids(prompt)
         assert prompt_ids == hf_tok(prompt)["input_ids"]  # same tokens, BOS included
-        ours = list(gen.generate_ids(prompt_ids, SamplingParams(max_new_tokens=24, temperature=0)))
+        ours = list(gen.stream_token_ids(prompt_ids, SamplingParams(max_new_tokens=24, temperature=0)))
         out = hf.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=24, eos_token_id=stop, pad_token_id=stop[0])
         theirs = [t for t in out[0, len(prompt_ids):].tolist() if t not in stop]
         assert ours == theirs
@@ -82,13 +82,13 @@ def test_greedy_generate_equals_transformers(tiny_trained):
 def test_generate_cli_prints_only_the_completion(tiny_trained):
     final = tiny_trained / "final"
     proc = run_cli("generate", str(final), "--prompt", "def add(a, b):", "--max-new-tokens", "12", check=True)
-    expected = Generator(final).generate("def add(a, b):", params=SamplingParams(max_new_tokens=12))
+    expected = SingleUserEngine(final).complete("def add(a, b):", params=SamplingParams(max_new_tokens=12))
     assert proc.stdout.rstrip("\n") == expected.rstrip("\n")
     assert "def add" not in proc.stdout[: len("def add")]
 
 
 def test_generate_fim_uses_fim_tokens(tiny_trained):
-    gen = Generator(tiny_trained / "final")
+    gen = SingleUserEngine(tiny_trained / "final")
     ids = gen.prompt_ids("def f(x):\n    ", suffix="\n    return y\n")
     tok = Tokenizer(tiny_trained / "final")
     assert ids == tok.fim_prompt("def f(x):\n    ", "\n    return y\n")
@@ -99,8 +99,8 @@ def test_generate_fim_uses_fim_tokens(tiny_trained):
 
 
 def test_sampling_with_seed_is_reproducible(tiny_trained):
-    gen = Generator(tiny_trained / "final")
+    gen = SingleUserEngine(tiny_trained / "final")
     params = dict(max_new_tokens=16, temperature=0.9, top_k=50, top_p=0.95, seed=7)
-    a = gen.generate("def ", params=SamplingParams(**params))
-    b = gen.generate("def ", params=SamplingParams(**params))
+    a = gen.complete("def ", params=SamplingParams(**params))
+    b = gen.complete("def ", params=SamplingParams(**params))
     assert a == b

@@ -152,7 +152,7 @@ def test_engine_prompt_logprobs_survive_preemption_and_match(model_dir, referenc
     ids = engine.prompts.completion(SAMPLE_CODE)[:90]
     other = ids[::-1]
     params = SamplingParams(max_new_tokens=40, prompt_logprobs=0, ignore_eos=True)
-    outs = engine.generate([ids, other], params)
+    outs = engine.run_to_completion([ids, other], params)
     assert engine.stats().preemptions > 0
     for prompt, out in zip([ids, other], outs):
         got = torch.tensor([lp.logprob for lp in out.prompt_logprobs[1:]])
@@ -165,7 +165,7 @@ def test_transformers_backend_prompt_logprobs_match(model_dir, reference):
     """Models the native runner does not load run through transformers: chunked prompts there too."""
     engine = Engine(model_dir, EngineConfig(backend="transformers", max_num_batched_tokens=CHUNK))
     ids = engine.prompts.completion(SAMPLE_CODE)[: 2 * CHUNK + 7]
-    [out] = engine.generate([ids], SamplingParams(max_new_tokens=1, prompt_logprobs=0))
+    [out] = engine.run_to_completion([ids], SamplingParams(max_new_tokens=1, prompt_logprobs=0))
     got = torch.tensor([lp.logprob for lp in out.prompt_logprobs[1:]])
     want = reference(ids)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
     assert out.prompt_logprobs[0] is None and torch.allclose(got, want, atol=TOLERANCE)

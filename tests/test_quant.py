@@ -166,7 +166,7 @@ def engine_for(name, model_dir, quantized, **config) -> Engine:
 
 
 def greedy(engine: Engine, prompts, n=12) -> list[list[int]]:
-    return [o.token_ids for o in engine.generate(prompts, SamplingParams(max_new_tokens=n, ignore_eos=True))]
+    return [o.token_ids for o in engine.run_to_completion(prompts, SamplingParams(max_new_tokens=n, ignore_eos=True))]
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

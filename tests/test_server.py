@@ -133,7 +133,7 @@ def test_openai_completions(openai_client, server):
     prefix, suffix = "def add(a, b):\n    ", "\n\nprint(add(1, 2))\n"
     fim = openai_client.completions.create(model=MODEL, prompt=prefix, suffix=suffix, max_tokens=8, temperature=0)
     assert fim.usage.prompt_tokens == len(engine.prompts.fim(prefix, suffix))
-    [expected] = Engine(server.engine.model_path).generate([engine.prompts.fim(prefix, suffix)],
+    [expected] = Engine(server.engine.model_path).run_to_completion([engine.prompts.fim(prefix, suffix)],
                                                            SamplingParams(max_new_tokens=8))
     assert fim.choices[0].text == expected.text
 
@@ -190,7 +190,7 @@ def test_langchain_chat_openai(server):
 # --- greedy parity, logging --------------------------------------------------------------------------------
 def test_greedy_completion_equals_engine_output(client, model_dir, caplog):
     prompt = "class Greeter:\n    def __init__(self"
-    [expected] = Engine(model_dir).generate([prompt], SamplingParams(max_new_tokens=24))
+    [expected] = Engine(model_dir).run_to_completion([prompt], SamplingParams(max_new_tokens=24))
     with caplog.at_level(logging.INFO, logger="minicoder.server"):
         r = client.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 24, "temperature": 0})
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected.text

@@ -119,7 +119,7 @@ def test_engine_preemption_keeps_each_requests_grammar(model_dir):
     engine = Engine(model_dir, EngineConfig(num_blocks=10, max_num_batched_tokens=64))
     guided = GuidedDecoding.from_schema(PACKAGE)
     params = [SamplingParams(max_new_tokens=120, temperature=1.0, seed=s, guided=guided) for s in range(6)]
-    outs = engine.generate(["def f():"] * 6, params)
+    outs = engine.run_to_completion(["def f():"] * 6, params)
     assert engine.stats().preemptions > 0
     for out in outs:
         assert out.finish_reason == "stop"

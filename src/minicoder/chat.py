@@ -190,8 +190,10 @@ def configure_parser(parser: argparse.ArgumentParser):
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--backend", default="auto", choices=["auto", "native", "transformers"])
     from .quant.options import add_compression_arguments
+    from .speculation_options import add_speculation_arguments
 
     add_compression_arguments(parser)
+    add_speculation_arguments(parser)
 
 
 def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
@@ -209,10 +211,11 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | 
         raise MinicoderError(str(e).replace("max_new_tokens", "--max-new-tokens")) from None
     from .quant.options import compression_config
     from .shipped import resolve_model
+    from .speculation_options import speculation_config
 
     args.model = resolve_model(args.model, "instruct")
     engine = Engine(args.model, EngineConfig(dtype=args.dtype, backend=args.backend, max_num_seqs=1,
-                                             **compression_config(args)))
+                                             **compression_config(args), **speculation_config(args)))
     options.mode, why = pick_mode(Path(args.model), engine.tokenizer, args.mode)
     if options.system and options.mode == "raw":
         raise MinicoderError("--system needs chat mode (--mode chat)")

@@ -24,6 +24,7 @@ from pathlib import Path
 from .errors import MinicoderError
 from .quant.options import add_compression_arguments
 from .shipped import default_help
+from .speculation_options import add_speculation_arguments
 
 
 def cmd_corpus(args):
@@ -116,8 +117,8 @@ def cmd_train(args, overrides):
 
 
 def cmd_generate(args):
-    from .engine.generate import Generator
-    from .engine.sampling import SamplingParams
+    from .engine.single_user import SingleUserEngine
+    from .engine.sampling_params import SamplingParams
 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
@@ -131,14 +132,15 @@ def cmd_generate(args):
     from .quant.options import compression_config
 
     from .shipped import resolve_model
+    from .speculation_options import speculation_config
 
     model = resolve_model(args.model, "instruct" if args.chat else "base")
-    gen = Generator(model, EngineConfig(max_num_seqs=1, **compression_config(args)))
+    gen = SingleUserEngine(model, EngineConfig(max_num_seqs=1, **compression_config(args), **speculation_config(args)))
     try:
         if args.chat:
             text = gen.chat([{"role": "user", "content": args.prompt}], params)
         else:
-            text = gen.generate(args.prompt, args.suffix, params)
+            text = gen.complete(args.prompt, args.suffix, params)
     except ValueError as e:
         raise MinicoderError(str(e)) from None
     sys.stdout.write(text + ("\n" if not text.endswith("\n") else ""))
@@ -312,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int)
     add_compression_arguments(g)
+    add_speculation_arguments(g)
     g.set_defaults(func=cmd_generate)
     ex = sub.add_parser("export", help="export a model to other formats").add_subparsers(dest="export_command", required=True)
     from .export import gguf

@@ -5,7 +5,9 @@ from .engine import Engine, EngineConfig, EngineStats, QueueFull
 from .prompts import FimFormat, PromptBuilder, find_fim_format
 from .request import RequestFailed, RequestOutput, TokenLogprob
 from .guided import GuidedDecoding
-from .sampling import SamplingParams
+from .sampling_params import SamplingParams
+from .speculation import SpeculativeConfig
 
 __all__ = ["AsyncEngine", "Engine", "EngineConfig", "EngineStats", "FimFormat", "GuidedDecoding", "PromptBuilder",
-           "QueueFull", "RequestFailed", "RequestOutput", "SamplingParams", "TokenLogprob", "find_fim_format"]
+           "QueueFull", "RequestFailed", "RequestOutput", "SamplingParams", "SpeculativeConfig", "TokenLogprob",
+           "find_fim_format"]

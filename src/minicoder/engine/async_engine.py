@@ -17,7 +17,7 @@ from pathlib import Path
 from .engine import Engine, EngineConfig, EngineStats
 from .prompts import PromptBuilder
 from .request import RequestFailed, RequestOutput
-from .sampling import SamplingParams
+from .sampling_params import SamplingParams
 
 log = logging.getLogger("minicoder.engine")
 
@@ -85,8 +85,8 @@ class AsyncEngine:
     def from_pretrained(cls, model_path: str | Path, config: EngineConfig | None = None) -> "AsyncEngine":
         return cls(Engine(model_path, config))
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def stream(self, prompt: str | list[int], params: SamplingParams | None = None,
+                     request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its outputs until it finishes. Raises QueueFull when the queue is full.
 
         A consumer that stops early is cancelled when the generator closes: at once for a cancelled task
@@ -128,7 +128,7 @@ class AsyncEngine:
     async def complete(self, prompt: str | list[int], params: SamplingParams | None = None) -> RequestOutput:
         """The final output of one request."""
         output = None
-        async for output in self.generate(prompt, params):
+        async for output in self.stream(prompt, params):
             pass
         return output
 

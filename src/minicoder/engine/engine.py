@@ -6,6 +6,9 @@
         for out in engine.step():
             print(out.delta_text, end="")
 
+`run_to_completion(prompts)` runs a batch to the end and `stream(prompt)` yields one request's outputs,
+both stepping the engine in the calling thread; `AsyncEngine.stream` is the asyncio version.
+
 `submit` and `cancel` are safe to call from other threads while one thread runs `step` (that is how
 `AsyncEngine` serves many clients). Each step: the scheduler picks the chunks, the runner computes their
 logits in one batched forward, the sampler picks tokens, and each request turns its tokens into text.
@@ -28,10 +31,11 @@ from .guided import Grammars
 from .kv_cache import KVCacheManager, PrefixCacheStats
 from .prompts import PromptBuilder
 from .request import Request, RequestFailed, RequestOutput
-from .sampler import record_prompt_logprobs, sample
-from .sampling import SamplingParams
+from .sampler import record_prompt_logprobs, sample, token_logprob
+from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .runner import SequenceChunk
+from .speculation import NgramProposer, SpeculationStats, SpeculativeConfig, accept_greedy
 
 __all__ = ["Engine", "EngineConfig", "EngineStats", "QueueFull"]
 
@@ -60,6 +64,7 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     quantize: str | None = None  # "int8" / "int4": round-to-nearest weights at load time (native backend)
     kv_cache_dtype: str = "auto"  # "int8" / "int4": quantized KV cache, 2x / 4x the tokens per byte of 16-bit
+    speculative: SpeculativeConfig | None = None  # prompt-lookup drafts for greedy requests (native backend)
 
 
 @dataclass
@@ -74,6 +79,7 @@ class EngineStats:
     kv_cache_dtype: str = "auto"
     kv_cache_bytes_per_token: int = 0
     block_size: int = 16
+    speculation: SpeculationStats | None = None  # with speculative decoding on
 
 
 class Engine:
@@ -92,7 +98,13 @@ class Engine:
         self.kv = KVCacheManager(loaded.num_blocks, config.block_size, prefix_caching)
         # A request must fit the KV pool on its own, or preempting the others would not let it finish.
         self.max_request_tokens = min(self.max_model_len, loaded.num_blocks * config.block_size)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        proposer = None
+        if config.speculative is not None:
+            if self.backend != "native":
+                raise MinicoderError(f"{model_path}: speculative decoding needs the native backend (a Llama-family model)")
+            proposer = NgramProposer(config.speculative).propose
+        self.speculation = SpeculationStats()
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, proposer)
         self.requests: dict[str, Request] = {}
         self.generated_tokens = 0
         self._ids = itertools.count()
@@ -153,24 +165,64 @@ class Engine:
             logits = self._take_prompt_logprobs(chunks, sequences, logits, outputs)
             chunks = [c for c in chunks if not c.request.finished]  # failed there: already removed
         self.scheduler.after_step(chunks)
-        sampling = [c.request for c in chunks if c.samples and not c.request.finished]
-        if not sampling:
-            return outputs
-        for request, token in zip(sampling, self._sample(logits, sampling)):
-            if token is None:
-                outputs.append(self._fail(request, "sampling failed"))
-                continue
+        sampling, drafting, row = [], [], 0
+        for chunk in chunks:  # the runner's rows: one per sampling chunk, 1 + drafts for a speculating one
+            n = 1 + len(chunk.draft_token_ids) if chunk.draft_token_ids else int(chunk.samples)
+            if chunk.request.finished:  # ended during this step (cancelled, failed): its rows are skipped
+                pass
+            elif chunk.draft_token_ids:
+                drafting.append((chunk, logits[row : row + n]))
+            elif chunk.samples:
+                sampling.append((chunk.request, row))
+            row += n
+        if sampling:
+            picked = [r for _, r in sampling]
+            rows = logits if picked == list(range(len(logits))) else logits[picked]
+            tokens = self._sample(rows, [request for request, _ in sampling])
+            for (request, _), token in zip(sampling, tokens):
+                if token is None:
+                    outputs.append(self._fail(request, "sampling failed"))
+                else:
+                    self._emit(request, [token], outputs)
+        for chunk, rows in drafting:
+            self._verify(chunk, rows, outputs)
+        return outputs
+
+    def _emit(self, request: Request, tokens: list[int], outputs: list[RequestOutput], rows=None):
+        """Append the request's new tokens (their logprobs from `rows` if given) until it finishes; one
+        output for all of them."""
+        delta, appended = "", []
+        for i, token in enumerate(tokens):
+            if rows is not None and request.logprobs is not None:
+                request.logprobs.append(token_logprob(rows[i], token, request.params.logprobs))
             try:
-                delta = request.append_token(token)
+                delta += request.append_token(token)
             except Exception:
                 log.exception("request %s: decoding token %d failed", request.id, token)
                 outputs.append(self._fail(request, "decoding failed"))
-                continue
+                return
+            appended.append(token)
             self.generated_tokens += 1
-            outputs.append(request.output(delta, [token]))
             if request.finished:
-                self._remove(request)
-        return outputs
+                break
+        outputs.append(request.output(delta, appended))
+        if request.finished:
+            self._remove(request)
+
+    def _verify(self, chunk, rows: torch.Tensor, outputs: list[RequestOutput]):
+        """Keep the drafts greedy decoding agrees with, plus the model's own next token (speculation.py)."""
+        request, draft = chunk.request, chunk.draft_token_ids
+        try:
+            tokens, accepted = accept_greedy(rows, draft)
+        except Exception:
+            log.exception("request %s: verifying %d draft tokens failed", request.id, len(draft))
+            outputs.append(self._fail(request, "sampling failed"))
+            return
+        self.speculation.record(len(draft), accepted)
+        request.record_drafts(len(draft), accepted)
+        self._emit(request, tokens, outputs, rows)
+        if not request.finished:  # all `accepted` drafts were appended: their keys/values are valid
+            self.scheduler.accept_drafts(request, accepted)
 
     def _forward(self, chunks: list, outputs: list[RequestOutput]) -> tuple[list, list[SequenceChunk], torch.Tensor]:
         """Logits for `chunks` in one batched forward (as runner.forward orders them); if that raises, each
@@ -205,7 +257,8 @@ class Engine:
         """Record the prompt logprobs of the chunks that returned every row; the rows that sample stay."""
         sample_rows, row = [], 0
         for chunk, sequence in zip(chunks, sequences):
-            n = len(sequence.token_ids) if sequence.all_logits else int(sequence.wants_logits)
+            n = len(sequence.token_ids) if sequence.all_logits else \
+                (1 + sequence.num_draft if sequence.wants_logits else 0)
             if sequence.all_logits:
                 try:
                     record_prompt_logprobs(chunk.request, sequence.start, logits[row : row + n])
@@ -213,7 +266,7 @@ class Engine:
                     log.exception("request %s: prompt logprobs failed", chunk.request.id)
                     outputs.append(self._fail(chunk.request, "computing prompt logprobs failed"))
             if sequence.wants_logits and not chunk.request.finished:
-                sample_rows.append(row + n - 1)
+                sample_rows += [row + n - 1] if sequence.all_logits else range(row, row + n)
             row += n
         return logits[sample_rows]
 
@@ -241,8 +294,9 @@ class Engine:
         return tokens
 
     def _sequence_chunk(self, c) -> SequenceChunk:
-        return SequenceChunk(c.request.id, c.request.token_ids[c.start : c.start + c.num_tokens], c.start,
-                             self.kv.block_table(c.request), c.samples, c.request.needs_prompt_logits)
+        tokens = c.request.token_ids[c.start : c.start + c.num_tokens] + c.draft_token_ids
+        return SequenceChunk(c.request.id, tokens, c.start, self.kv.block_table(c.request), c.samples,
+                             c.request.needs_prompt_logits, len(c.draft_token_ids))
 
     def _fail(self, request: Request, reason: str) -> RequestOutput:
         """End one request with finish_reason "error"; its blocks are freed, the batch goes on."""
@@ -257,8 +311,8 @@ class Engine:
         self._take_inbox()
         return [self._fail(request, reason) for request in list(self.requests.values())]
 
-    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
-                 ) -> list[RequestOutput]:
+    def run_to_completion(self, prompts: list[str | list[int]],
+                          params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
         """Run a batch of prompts to completion; outputs in prompt order. Any number of prompts: they are
         submitted as the waiting queue has room. A request the engine failed has finish_reason "error"."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
@@ -298,7 +352,8 @@ class Engine:
                            free_blocks=self.kv.num_free_blocks, total_blocks=len(self.kv.blocks),
                            preemptions=self.scheduler.num_preemptions, generated_tokens=self.generated_tokens,
                            prefix_cache=self.kv.stats, kv_cache_dtype=self.config.kv_cache_dtype,
-                           kv_cache_bytes_per_token=self.kv_bytes_per_token, block_size=self.kv.block_size)
+                           kv_cache_bytes_per_token=self.kv_bytes_per_token, block_size=self.kv.block_size,
+                           speculation=self.speculation if self.config.speculative is not None else None)
 
     def _take_inbox(self) -> list[RequestOutput]:
         with self._lock:

@@ -98,6 +98,17 @@ class KVCacheManager:
             owned.append(self._take_free_block())
         return True
 
+    def trim(self, request: Request, num_tokens: int):
+        """Free the request's blocks past the first `num_tokens` tokens (rejected speculative drafts)."""
+        owned = self.request_blocks.get(request.id, [])
+        while len(owned) > self.blocks_needed(num_tokens):
+            block = owned.pop()
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_blocks[block.id] = block
+                if block.hash is None:  # nothing worth keeping: the first to be reused
+                    self.free_blocks.move_to_end(block.id, last=False)
+
     def register_full_blocks(self, request: Request):
         """Put the request's newly completed blocks into the prefix cache (called after each step)."""
         if not self.enable_prefix_caching:

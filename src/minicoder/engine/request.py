@@ -12,7 +12,7 @@ import torch
 
 from .detokenizer import IncrementalDetokenizer, StopStringFilter
 from .guided import GrammarState
-from .sampling import SamplingParams
+from .sampling_params import SamplingParams
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]  # error: failed alone, see `error`
 
@@ -51,6 +51,8 @@ class RequestOutput:
     # With params.prompt_logprobs: one entry per prompt token, None for the first (nothing predicts it);
     # complete once the prefill is done.
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    draft_tokens: int = 0  # speculative decoding: draft tokens verified for this request so far
+    accepted_draft_tokens: int = 0  # ... of which the model agreed with (each one a forward saved)
 
 
 class PenaltyState:
@@ -102,11 +104,17 @@ class Request:
         if params.prompt_logprobs is not None:
             self.prompt_logprobs = [None]  # filled up to num_prompt_tokens as the prefill runs
         self.grammar = grammar  # where the output is in its grammar, when it must match one
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
 
     @property
     def needs_prompt_logits(self) -> bool:
         """Prompt positions still lack their logprobs: the runner must return every row of this request's chunks."""
         return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
+
+    def record_drafts(self, proposed: int, accepted: int):
+        self.num_draft_tokens += proposed
+        self.num_accepted_tokens += accepted
 
     @property
     def finished(self) -> bool:
@@ -171,6 +179,8 @@ class Request:
             time_to_first_token=ttft,
             error=self.error,
             prompt_logprobs=self.prompt_logprobs,
+            draft_tokens=self.num_draft_tokens,
+            accepted_draft_tokens=self.num_accepted_tokens,
         )
 
 

@@ -38,6 +38,7 @@ class SequenceChunk:
     block_table: list[int]
     wants_logits: bool  # the last token's logits give the next token
     all_logits: bool = False  # every token's logits (prompt logprobs), not only the last one's
+    num_draft: int = 0  # the last num_draft tokens are speculative drafts: logits after each of them too
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
@@ -217,7 +218,8 @@ class PagedLlamaRunner:
     @torch.inference_mode()
     def forward(self, chunks: list[SequenceChunk]) -> torch.Tensor:
         """Logits after writing every chunk's K/V, in chunk order: a row per token of an `all_logits` chunk,
-        one row (its last token's) for each other chunk that wants logits."""
+        1 + num_draft rows for a chunk with speculative drafts, one row (its last token's) for each other chunk
+        that wants logits."""
         bs = self.block_size
         # Decodes first, so they are rows 0..B-1 of the step.
         order = sorted(range(len(chunks)), key=lambda i: len(chunks[i].token_ids) > 1)
@@ -264,8 +266,8 @@ class PagedLlamaRunner:
             if c.all_logits:
                 rows += range(last_row[i] - len(c.token_ids) + 1, last_row[i] + 1)
             elif c.wants_logits:
-                rows.append(last_row[i])
-        if len(rows) < T:
+                rows += range(last_row[i] - c.num_draft, last_row[i] + 1)
+        if rows != list(range(T)):  # a step of decodes alone is already in chunk order
             x = x[rows]
         return rms_norm(x, self.final_norm, cfg.rms_norm_eps) @ self.lm_head
 

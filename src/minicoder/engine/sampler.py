@@ -40,7 +40,7 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[int]:
             tokens[i] = int(torch.multinomial(probs[row], 1, generator=requests[i].generator))
     for i, r in enumerate(requests):
         if r.logprobs is not None:
-            r.logprobs.append(_logprob(raw[i], tokens[i], r.params.logprobs))
+            r.logprobs.append(token_logprob(raw[i], tokens[i], r.params.logprobs))
     return tokens
 
 
@@ -135,8 +135,9 @@ def _with_fallback(probs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return probs
 
 
-def _logprob(raw_logits: torch.Tensor, token: int, top_n: int) -> TokenLogprob:
-    logprobs = raw_logits.log_softmax(dim=-1)
+def token_logprob(raw_logits: torch.Tensor, token: int, top_n: int) -> TokenLogprob:
+    """`token`'s logprob under a (vocab,) logits row and the `top_n` most likely (id, logprob) pairs."""
+    logprobs = raw_logits.float().log_softmax(dim=-1)
     top = []
     if top_n > 0:
         values, ids = logprobs.topk(top_n)

@@ -4,12 +4,14 @@ Every step, running requests go first (a decode costs one token of the budget, a
 takes what is left of it), then waiting requests join while there is budget, a free sequence slot and
 KV blocks. A long prompt is prefilled a chunk per step, so it never stalls the running requests' decode.
 When blocks run out, the most recently admitted request is preempted: its blocks are freed and it goes
-back to the front of the queue, to be recomputed later (mostly from the prefix cache).
+back to the front of the queue, to be recomputed later (mostly from the prefix cache). With speculative
+decoding on, decodes then get draft tokens (speculation.py) from whatever budget and free blocks are left.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .kv_cache import KVCacheManager
@@ -20,6 +22,7 @@ from .request import Request
 class ScheduledChunk:
     request: Request
     num_tokens: int  # token_ids[start : start + num_tokens] run this step
+    draft_token_ids: list[int] = field(default_factory=list)  # speculated tokens run after them (speculation.py)
     start: int = field(init=False)
     samples: bool = field(init=False)  # the chunk reaches the last known token: its logits give the next one
 
@@ -29,8 +32,10 @@ class ScheduledChunk:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 propose: Callable[[Request, int], list[int]] | None = None):
         self.kv = kv
+        self.propose = propose  # (request, most drafts) -> draft tokens, with speculative decoding on
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
@@ -78,13 +83,34 @@ class Scheduler:
             self.running.append(request)
             chunks.append(ScheduledChunk(request, n))
             budget -= n
+        if self.propose is not None:
+            self._add_drafts(chunks, budget)
         return chunks
+
+    def _add_drafts(self, chunks: list[ScheduledChunk], budget: int):
+        """Speculative drafts for decodes, from what the step leaves: the token budget and free blocks no
+        scheduled chunk needs, so speculating never delays a prefill or preempts a request."""
+        for chunk in chunks:
+            if budget == 0:
+                return
+            if chunk.num_tokens == 1 and chunk.samples:
+                draft = self.propose(chunk.request, budget)
+                if draft and self.kv.allocate(chunk.request, 1 + len(draft)):
+                    chunk.draft_token_ids = draft
+                    budget -= len(draft)
 
     def after_step(self, chunks: list[ScheduledChunk]):
         """The chunks' keys/values are now in the cache."""
         for chunk in chunks:
             chunk.request.num_computed_tokens += chunk.num_tokens
             self.kv.register_full_blocks(chunk.request)
+
+    def accept_drafts(self, request: Request, num_accepted: int):
+        """The first `num_accepted` drafts of the request's last chunk were kept: their keys/values are
+        valid cache entries. Blocks that only held rejected drafts go back to the pool."""
+        request.num_computed_tokens += num_accepted
+        self.kv.register_full_blocks(request)
+        self.kv.trim(request, request.num_computed_tokens)
 
     def _allocate_or_preempt(self, request: Request, num_tokens: int) -> bool:
         """Blocks for a running request, preempting the latest admitted ones until they fit.

@@ -56,7 +56,7 @@ class LocalCompleter:
         return prompt.ids, max_tokens
 
     def complete(self, prompts, n, temperature, max_tokens, stop, suffixes=None, progress=True):
-        from ..engine.sampling import SamplingParams
+        from ..engine.sampling_params import SamplingParams
 
         jobs, params = [], []
         for i, prompt in enumerate(prompts):
@@ -72,7 +72,7 @@ class LocalCompleter:
         outputs = []
         bar = tqdm(total=len(jobs), desc="generate", unit="sample", disable=not progress)
         for start in range(0, len(jobs), 64):  # chunks, so the bar moves
-            outputs += self.engine.generate(jobs[start : start + 64], params[start : start + 64])
+            outputs += self.engine.run_to_completion(jobs[start : start + 64], params[start : start + 64])
             bar.update(min(64, len(jobs) - start))
         bar.close()
         texts = [cut_at_stop(o.text, stop) for o in outputs]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .limits import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONNECTIONS
 from ..quant.options import add_compression_arguments, compression_config
+from ..speculation_options import add_speculation_arguments, speculation_config
 
 log = logging.getLogger("minicoder.server")
 
@@ -46,6 +47,7 @@ def configure_serve_parser(parser: argparse.ArgumentParser):
                         help="seconds a client may take to send its request headers (default %(default)g)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_compression_arguments(parser)
+    add_speculation_arguments(parser)
 
 
 def api_key(args: argparse.Namespace) -> str | None:
@@ -94,7 +96,8 @@ def run_serve(args: argparse.Namespace):
     key = api_key(args)
     config = EngineConfig(dtype=args.dtype, backend=args.backend, max_model_len=args.max_model_len,
                           max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting,
-                          kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)), **compression_config(args))
+                          kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)), **compression_config(args),
+                          **speculation_config(args))
     from ..shipped import resolve_model, served_name
 
     args.model = resolve_model(args.model, "instruct")

@@ -119,6 +119,9 @@ class Generation:
         seconds = time.perf_counter() - self.arrival
         if self.metrics is not None:
             self.metrics.request_done(reasons, prompt_tokens, completion_tokens, ttft, seconds)
+            for out in self.latest:
+                if out is not None:
+                    self.metrics.drafts_done(out.draft_tokens, out.accepted_draft_tokens)
         log.info("%s: %d prompt tokens (%d cached), %d completion tokens, first token %s, total %.3f s, finish %s",
                  self.id, prompt_tokens, cached, completion_tokens, "-" if ttft is None else f"{ttft:.3f} s",
                  seconds, ",".join(reasons))

@@ -13,6 +13,7 @@ from collections import Counter, deque
 from ..engine import EngineStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+ACCEPTANCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 RATE_WINDOW = 10.0  # seconds: tokens per second is measured over this window
 
 
@@ -37,6 +38,7 @@ class ServerMetrics:
         self.completion_tokens = 0
         self.time_to_first_token = Histogram()
         self.request_latency = Histogram()
+        self.draft_acceptance = Histogram(ACCEPTANCE_BUCKETS)  # per request that verified drafts
         self._samples: deque[tuple[float, int]] = deque()  # (time, engine's generated tokens)
 
     def request_done(self, finish_reasons: list[str], prompt_tokens: int, completion_tokens: int,
@@ -47,6 +49,11 @@ class ServerMetrics:
         if ttft is not None:
             self.time_to_first_token.observe(ttft)
         self.request_latency.observe(seconds)
+
+    def drafts_done(self, draft_tokens: int, accepted_tokens: int):
+        """A finished request's speculative drafts: its acceptance rate goes into the histogram."""
+        if draft_tokens:
+            self.draft_acceptance.observe(accepted_tokens / draft_tokens)
 
     def sample(self, generated_tokens: int, now: float | None = None):
         """Record the engine's token counter (the app does this every second) for the tokens/s gauge."""
@@ -96,6 +103,13 @@ class ServerMetrics:
         metric("minicoder_prefix_cache_hit_rate", "gauge", "Prefix-cache hits / prompt tokens looked up.",
                stats.prefix_cache.hit_rate)
         metric("minicoder_num_preemptions_total", "counter", "Requests preempted to free KV blocks.", stats.preemptions)
+        if stats.speculation is not None:  # vLLM: spec_decode_num_draft_tokens / _num_accepted_tokens
+            metric("minicoder_spec_decode_num_draft_tokens_total", "counter",
+                   "Speculative draft tokens proposed and verified.", stats.speculation.draft_tokens)
+            metric("minicoder_spec_decode_num_accepted_tokens_total", "counter",
+                   "Speculative draft tokens the model accepted.", stats.speculation.accepted_tokens)
+            metric("minicoder_spec_decode_acceptance_rate", "gauge", "Accepted / proposed draft tokens.",
+                   stats.speculation.acceptance_rate)
 
         lines.append("# HELP minicoder_requests_total Generation requests (each choice) by how they ended.")
         lines.append("# TYPE minicoder_requests_total counter")
@@ -106,6 +120,8 @@ class ServerMetrics:
             ("minicoder_time_to_first_token_seconds", "Seconds from arrival to the first token.",
              self.time_to_first_token),
             ("minicoder_request_latency_seconds", "Seconds from arrival to the last token.", self.request_latency),
+            *([("minicoder_spec_decode_request_acceptance_rate", "Per request: accepted / proposed draft tokens.",
+                self.draft_acceptance)] if stats.speculation is not None else []),
         ):
             lines.append(f"# HELP {name} {help_text}")
             lines.append(f"# TYPE {name} histogram")

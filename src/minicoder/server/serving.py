@@ -34,7 +34,6 @@ log = logging.getLogger("minicoder.server")
 
 T = TypeVar("T")
 
-GREEDY_BELOW = 1e-5  # a temperature this small is greedy (dividing logits by it overflows)
 ENGINE_TO_API_FIELDS = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
 
 
@@ -154,7 +153,7 @@ class Server:
         temperature = or_default(body.temperature, 1.0)
         params = SamplingParams(
             max_new_tokens=max_new_tokens,
-            temperature=0.0 if temperature < GREEDY_BELOW else temperature,
+            temperature=temperature,  # a tiny one is greedy: SamplingParams.greedy
             top_k=max(or_default(body.top_k, 0), 0),
             top_p=or_default(body.top_p, 1.0),
             min_p=or_default(body.min_p, 0.0),

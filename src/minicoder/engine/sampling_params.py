@@ -1,15 +1,15 @@
-"""Next-token selection: greedy when temperature is 0, else temperature / top-k / top-p sampling.
+"""`SamplingParams`: how one request wants its tokens chosen and when it stops.
 
-`SamplingParams` is the one request description every caller fills in (CLI, server, LangChain, eval);
-the serving engine's batched sampler (`sampler.py`) honours all of it, `sample_next` the first six fields.
+The one request description every caller fills in (CLI, server, LangChain, eval, agent); the engine's
+batched sampler (`sampler.py`) honours all of it. One rule lives here rather than in each caller: a
+temperature below GREEDY_BELOW (0 included) means greedy decoding, because dividing logits by a tiny
+temperature overflows to inf and NaN, and its limit is the argmax anyway.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-
-import torch
 
 from .guided import GuidedDecoding
 
@@ -21,12 +21,13 @@ REPETITION_PENALTY_RANGE = (0.01, 100.0)
 MAX_ADDITIVE_PENALTY = 100.0  # presence / frequency (the API allows [-2, 2])
 MAX_STOP_STRINGS = 32
 MAX_STOP_CHARS = 1000
+GREEDY_BELOW = 1e-5  # temperatures below this are greedy
 
 
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 128
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # below GREEDY_BELOW (0 included): greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
     repetition_penalty: float = 1.0
@@ -106,37 +107,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Argmax decoding: the temperature is 0 or too small to divide logits by (GREEDY_BELOW)."""
+        return self.temperature < GREEDY_BELOW
 
     @property
     def penalized(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
-
-
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL-style penalty (as in transformers): divide positive logits of seen tokens, multiply negative ones."""
-    if penalty == 1.0 or seen.numel() == 0:
-        return logits
-    picked = logits.gather(-1, seen)
-    logits = logits.scatter(-1, seen, torch.where(picked > 0, picked / penalty, picked * penalty))
-    return logits
-
-
-def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
-    """One token id from a (vocab,) logits row."""
-    logits = logits.float()
-    if params.temperature == 0:
-        return int(logits.argmax())
-    logits = logits / params.temperature
-    if params.top_k > 0:
-        kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) > params.top_p  # keep the smallest set reaching top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
-    if not torch.isfinite(probs).all() or probs.sum() <= 0:  # NaN or fully masked logits: no distribution
-        return int(torch.nan_to_num(logits, nan=float("-inf")).argmax())
-    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,123 @@
+"""Prompt-lookup (n-gram) speculative decoding: draft tokens from the request's own text, verified in one forward.
+
+Edit-style requests ("rewrite this function", a refactor, fill-in-the-middle in a file with similar code)
+mostly copy spans of their prompt. Each step, for every greedy request that is decoding, the proposer
+looks for the most recent earlier occurrence of the request's last n tokens (n from `prompt_lookup_max`
+down to `prompt_lookup_min`) in its prompt + output and proposes the up to K tokens that followed it.
+The scheduler runs the request's last token plus its drafts as one chunk over the paged cache (the
+chunked-prefill path), so one forward gives the model's next-token logits after each of them.
+`accept_greedy` keeps the longest run of drafts that greedy decoding would have produced, plus the
+model's own token after it: the output is exactly plain greedy decoding's, a step yields 1..K+1 tokens.
+The keys/values of accepted drafts stay in the cache; the slots of rejected ones are rolled back
+(`KVCacheManager.trim`) and overwritten by the next step.
+
+Only requests whose next token is the argmax of the raw logits speculate (temperature 0, no penalties,
+past min_tokens); sampled requests decode one token per step as before, so their distribution is untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .request import Request
+from .sampler import finite_logits
+
+METHODS = ("ngram",)
+MAX_SPECULATIVE_TOKENS = 64
+
+
+@dataclass
+class SpeculativeConfig:
+    """vLLM's names: method "ngram", num_speculative_tokens, prompt_lookup_min / prompt_lookup_max."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 5  # K: most draft tokens verified per request and step
+    prompt_lookup_min: int = 2  # shortest suffix n-gram that may propose
+    prompt_lookup_max: int = 4  # longest suffix n-gram tried (first)
+
+    def validate(self):
+        """Raise ValueError naming the field for a value the proposer cannot honour."""
+        if self.method not in METHODS:
+            raise ValueError(f"speculative method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.num_speculative_tokens > MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"num_speculative_tokens must be at most {MAX_SPECULATIVE_TOKENS}, "
+                             f"got {self.num_speculative_tokens}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"prompt_lookup_min ({self.prompt_lookup_min}) must not exceed prompt_lookup_max "
+                             f"({self.prompt_lookup_max})")
+
+
+def propose_ngram(tokens: list[int], min_n: int, max_n: int, k: int) -> list[int]:
+    """Up to k tokens that followed the most recent earlier occurrence of the longest matching suffix n-gram."""
+    length = len(tokens)
+    if k < 1 or length < min_n + 1:
+        return []
+    arr = np.asarray(tokens, dtype=np.int64)
+    # Earlier positions holding the last token (each followed by at least one token), then how far back
+    # each match goes: one pass over the text, then work only on the candidates.
+    ends = np.flatnonzero(arr[: length - 1] == arr[-1])
+    matched = np.ones(len(ends), dtype=np.int64)
+    alive = np.ones(len(ends), dtype=bool)
+    for back in range(1, min(max_n, length - 1)):
+        alive &= ends >= back
+        alive[alive] = arr[ends[alive] - back] == arr[length - 1 - back]
+        matched += alive
+    if not len(ends) or (n := min(int(matched.max()), max_n)) < min_n:
+        return []
+    end = int(ends[matched >= n][-1])
+    return arr[end + 1 : end + 1 + k].tolist()
+
+
+def accept_greedy(logits: torch.Tensor, draft: list[int]) -> tuple[list[int], int]:
+    """Tokens greedy decoding emits given logits (len(draft) + 1, vocab) after the last token and each draft.
+
+    Returns (tokens, number of drafts accepted): the drafts that match the model's argmax, then its own token.
+    """
+    targets = finite_logits(logits.float()).argmax(dim=-1).tolist()
+    accepted = 0
+    while accepted < len(draft) and draft[accepted] == targets[accepted]:
+        accepted += 1
+    return targets[: accepted + 1], accepted
+
+
+class NgramProposer:
+    """Drafts for one request, or none when speculation cannot give it exactly what plain decoding would."""
+
+    def __init__(self, config: SpeculativeConfig):
+        config.validate()
+        self.config = config
+
+    def propose(self, request: Request, max_tokens: int) -> list[int]:
+        """At most `max_tokens` drafts, when the request's next step is its last known token (a decode)."""
+        if request.num_computed_tokens != len(request.token_ids) - 1 or not request.plain_greedy:
+            return []
+        # The step emits up to len(draft) + 1 tokens: never more than max_tokens allows.
+        k = min(self.config.num_speculative_tokens, max_tokens,
+                request.max_output_tokens - len(request.output_ids) - 1)
+        c = self.config
+        return propose_ngram(request.token_ids, c.prompt_lookup_min, c.prompt_lookup_max, k)
+
+
+@dataclass
+class SpeculationStats:
+    """Counters for `/metrics` (vLLM: spec_decode_num_draft_tokens / spec_decode_num_accepted_tokens)."""
+
+    draft_tokens: int = 0  # proposed and verified
+    accepted_tokens: int = 0  # of which greedy decoding agreed with
+    steps: int = 0  # request-steps that verified drafts
+
+    def record(self, proposed: int, accepted: int):
+        self.draft_tokens += proposed
+        self.accepted_tokens += accepted
+        self.steps += 1
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
