@@ -77,6 +77,14 @@ def test_compile_on_fails_cleanly_when_it_cannot(llama_dir, monkeypatch):
         Engine(llama_dir, EngineConfig(compile="on", kv_cache_dtype="int8"))
 
 
+def test_compile_auto_without_a_compiled_path_is_quietly_eager(llama_dir, monkeypatch, caplog):
+    monkeypatch.setattr(torch, "compile", failing_compile)  # never reached: nothing to compile
+    with caplog.at_level(logging.WARNING, logger="minicoder.engine"):
+        engine = Engine(llama_dir, EngineConfig(compile="auto", kv_cache_dtype="int8"))
+    assert engine.runtime_summary().endswith("decode: eager (--kv-cache-dtype int8 runs eagerly)")
+    assert not caplog.records
+
+
 @pytest.mark.parametrize("fast_bf16", [True, False])
 def test_dtype_auto_follows_the_cpu(llama_dir, monkeypatch, fast_bf16):
     monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: fast_bf16)
@@ -142,8 +150,33 @@ def test_compiled_decode_equals_eager_single_request_and_batch(compiled_pair):
 
 
 @pytest.mark.slow
+def test_a_step_that_would_recompile_runs_eagerly(compiled_pair):
+    runner = compiled_pair[1].runner
+    ids, positions, tables = torch.tensor([3], dtype=torch.int32), torch.tensor([4]), torch.tensor([[0, 1]])
+    with torch.inference_mode():
+        assert runner.compiled(ids, positions, tables) is None  # int32 ids: a new graph, not compiled while serving
+    assert runner.compiled.eager_steps == 1
+    runner.compiled.eager_steps = 0
+
+
+@pytest.mark.slow
 def test_compiled_decode_equals_eager_with_preemption_and_prefix_hits(compiled_pair):
     run_both(compiled_pair, PROMPTS[1:5], SamplingParams(max_new_tokens=30, ignore_eos=True))
     assert all(e.stats().preemptions > 0 for e in compiled_pair)
     outs = run_both(compiled_pair, [PROMPTS[1]] * 2, SamplingParams(max_new_tokens=8, ignore_eos=True))
     assert outs[1][0].cached_tokens > 0 or outs[1][1].cached_tokens > 0
+
+
+@pytest.mark.slow
+def test_compiled_decode_bf16_close_to_eager_bf16(llama_dir):
+    # bf16 rounds differently where inductor fuses (fp32 inside a fused kernel vs a bf16 tensor between eager ops):
+    # logits agree to about 2 bf16 ulps of their magnitude, so the bound is 5e-2, not fp32's 1e-4.
+    pair = [Engine(llama_dir, EngineConfig(dtype="bf16", compile=mode, **CONFIG)) for mode in ("off", "on")]
+    seen = [recorded_logits(e) for e in pair]
+    for e in pair:
+        e.generate(PROMPTS[:2], SamplingParams(max_new_tokens=8, ignore_eos=True))
+    for a, b in zip(*seen):
+        torch.testing.assert_close(b, a, atol=5e-2, rtol=5e-2)
+        if not torch.equal(a.argmax(-1), b.argmax(-1)):  # a near tie went the other way: later inputs differ
+            break
+    assert pair[1].runner.compiled.calls > 0

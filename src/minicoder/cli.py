@@ -305,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int)
     add_compression_arguments(g)
-    add_engine_arguments(g)
+    add_engine_arguments(g, compile_default="off")  # one request does not repay the compile
     g.set_defaults(func=cmd_generate)
     ex = sub.add_parser("export", help="export a model to other formats").add_subparsers(dest="export_command", required=True)
     from .export import gguf

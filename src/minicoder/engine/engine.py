@@ -387,9 +387,12 @@ def _compile_decode(runner, backend: str, mode: str) -> str:
         raise MinicoderError(f"compile {mode!r}: expected auto, on or off")
     if mode == "off":
         return "eager (--compile off)"
+    reason = "the transformers backend runs eagerly" if backend != "native" else runner.compile_reason()
+    if reason and mode == "auto":  # a configuration that has no compiled path: nothing failed, no notice
+        return f"eager ({reason})"
     try:
-        if backend != "native":
-            raise CompileUnavailable("the transformers backend runs eagerly")
+        if reason:
+            raise CompileUnavailable(reason)
         seconds = runner.compile_decode()
     except CompileUnavailable as e:
         if mode == "on":

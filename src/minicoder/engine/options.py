@@ -4,8 +4,9 @@ line must not import torch), and how "auto" resolves on this machine.
 --dtype auto: bf16 where the hardware computes it natively (a CPU with AVX-512 BF16 or AMX, a CUDA GPU with
 bf16), fp32 elsewhere (without those instructions PyTorch emulates bf16 matmuls, slower than fp32).
 --compile auto: compile the decode step with torch.compile when it works, else decode eagerly with a notice;
-on: the same but a failure is an error; off: eager. $MINICODER_COMPILE sets the default (the test suite sets
-it to off so tiny models start in a second).
+on: the same but a failure is an error; off: eager. The default is auto, except for `generate` (one request
+does not repay tens of seconds of compiling: off); $MINICODER_COMPILE overrides it (the test suite sets it to
+off so tiny models start in a second).
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
                              "(or a CUDA GPU with bf16), else fp32")
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+def add_engine_arguments(parser: argparse.ArgumentParser, compile_default: str = "auto") -> None:
     """--dtype and --compile, for commands that generate through the engine."""
     add_dtype_argument(parser)
-    parser.add_argument("--compile", default=os.environ.get("MINICODER_COMPILE", "auto"), choices=COMPILE_CHOICES,
-                        help="torch.compile the decode step at start-up: auto (default) = when it works, else eager "
-                             "with a notice; on = fail if it cannot; off = eager")
+    default = os.environ.get("MINICODER_COMPILE", compile_default)
+    parser.add_argument("--compile", default=default, choices=COMPILE_CHOICES,
+                        help="torch.compile the decode step at start-up: auto = when it works, else eager with a "
+                             f"notice; on = fail if it cannot; off = eager (default {default})")
 
 
 def engine_options(args: argparse.Namespace) -> dict:
