@@ -50,7 +50,6 @@ class CompiledDecode:
 
     def __init__(self, runner):
         self.runner = runner
-        self.warm = False
         self.calls = 0  # steps run on the compiled graph
         self.eager_steps = 0  # steps that ran eagerly because they would have recompiled
         self.compile_seconds = 0.0
@@ -65,9 +64,9 @@ class CompiledDecode:
                 for batch, width in ((1, 3), (2, 3)):  # width != batch: equal sizes would share one symbol
                     self._call(*self._dummy_inputs(batch, width))
         except Exception as e:  # inductor raises many kinds (missing compiler, lowering, codegen errors)
-            raise CompileUnavailable(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+            first_line = (str(e).strip().splitlines() or [""])[0]  # inductor's messages run to pages
+            raise CompileUnavailable(f"{type(e).__name__}: {first_line}") from e
         self.compile_seconds = time.perf_counter() - started
-        self.warm = True
 
     def __call__(self, ids, positions, block_tables):
         """(logits (B, vocab), new keys (L, B, KV, hd), new values) or None when it would recompile.
