@@ -17,6 +17,9 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The CLI's `--compile auto` would spend minutes compiling each tiny test model's decode step: tests about
+# compilation turn it on themselves.
+os.environ.setdefault("MINICODER_COMPILE", "off")
 
 TINY_PRESET = """
 [model]

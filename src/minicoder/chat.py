@@ -187,13 +187,14 @@ def configure_parser(parser: argparse.ArgumentParser):
     parser.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--system", help="a system message for chat mode")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--backend", default="auto", choices=["auto", "native", "transformers"])
+    from .engine.options import add_engine_arguments
     from .quant.options import add_compression_arguments
     from .speculation_options import add_speculation_arguments
 
     add_compression_arguments(parser)
     add_speculation_arguments(parser)
+    add_engine_arguments(parser)
 
 
 def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
@@ -209,17 +210,19 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | 
                        top_k=options.top_k, repetition_penalty=options.repetition_penalty).validate()
     except ValueError as e:
         raise MinicoderError(str(e).replace("max_new_tokens", "--max-new-tokens")) from None
+    from .engine.options import engine_options
     from .quant.options import compression_config
     from .shipped import resolve_model
     from .speculation_options import speculation_config
 
     args.model = resolve_model(args.model, "instruct")
-    engine = Engine(args.model, EngineConfig(dtype=args.dtype, backend=args.backend, max_num_seqs=1,
-                                             **compression_config(args), **speculation_config(args)))
+    engine = Engine(args.model, EngineConfig(backend=args.backend, max_num_seqs=1, **compression_config(args),
+                                             **engine_options(args), **speculation_config(args)))
     options.mode, why = pick_mode(Path(args.model), engine.tokenizer, args.mode)
     if options.system and options.mode == "raw":
         raise MinicoderError("--system needs chat mode (--mode chat)")
-    print(f"minicoder chat: {args.model} in {options.mode} mode ({why}); {COMMANDS}", file=sys.stderr)
+    print(f"minicoder chat: {args.model} in {options.mode} mode ({why}); {engine.runtime_summary()}; {COMMANDS}",
+          file=sys.stderr)
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     interactive = stdin is sys.stdin and stdout is sys.stdout and stdin.isatty()
     if interactive:

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from .errors import MinicoderError
+from .engine.options import add_dtype_argument, add_engine_arguments
 from .quant.options import add_compression_arguments
 from .shipped import default_help
 from .speculation_options import add_speculation_arguments
@@ -129,13 +130,16 @@ def cmd_generate(args):
     if args.chat and args.suffix is not None:
         raise MinicoderError("--chat and --suffix cannot be combined")
     from .engine.engine import EngineConfig
+    from .engine.options import engine_options
     from .quant.options import compression_config
 
     from .shipped import resolve_model
     from .speculation_options import speculation_config
 
     model = resolve_model(args.model, "instruct" if args.chat else "base")
-    gen = SingleUserEngine(model, EngineConfig(max_num_seqs=1, **compression_config(args), **speculation_config(args)))
+    gen = SingleUserEngine(model, EngineConfig(max_num_seqs=1, **compression_config(args), **engine_options(args),
+                                               **speculation_config(args)))
+    print(gen.engine.runtime_summary(), file=sys.stderr)
     try:
         if args.chat:
             text = gen.chat([{"role": "user", "content": args.prompt}], params)
@@ -166,6 +170,7 @@ def cmd_agent(args):
 
 def cmd_eval(args):
     from .eval.report import describe_model, write_report
+    from .engine.options import engine_options
     from .quant.options import compression_config
 
     out = Path(args.out)
@@ -173,8 +178,9 @@ def cmd_eval(args):
         from .shipped import default_model
 
         args.model = default_model("base")
+    engine = {**compression_config(args), **engine_options(args)}  # EngineConfig keyword arguments
     model_info = describe_model(getattr(args, "model", None), getattr(args, "endpoint", None))
-    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in compression_config(args).items() if v not in (None, "auto"))
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in engine.items() if k != "compile" and v not in (None, "auto"))
     if flags and model_info["model"]:  # the results table says how the model was compressed
         model_info["model"] = f"{model_info['model']} {flags}"
     if args.eval_command == "humaneval":
@@ -192,10 +198,10 @@ def cmd_eval(args):
         elif args.protocol == "standard":
             from .eval.protocol import run_settings, standard_settings
 
-            completer = make_completer(args.model, args.endpoint, seed=args.seed, compression=compression_config(args))
+            completer = make_completer(args.model, args.endpoint, seed=args.seed, compression=engine)
             scores = run_settings(completer, out, standard_settings(args.n_samples or 20), args.limit)
         else:
-            completer = make_completer(args.model, args.endpoint, seed=args.seed, compression=compression_config(args))
+            completer = make_completer(args.model, args.endpoint, seed=args.seed, compression=engine)
             samples = generate_samples(completer, out / "samples.jsonl", args.n_samples or 1, args.temperature or 0.0,
                                        args.limit)
             scores = score_samples(samples, ks=(1, 10, 100))
@@ -208,7 +214,7 @@ def cmd_eval(args):
         from .eval.humaneval import write_jsonl
         from .eval.infill import run_infill
 
-        scores, rows = run_infill(make_completer(args.model, args.endpoint, compression=compression_config(args)),
+        scores, rows = run_infill(make_completer(args.model, args.endpoint, compression=engine),
                                   limit=args.limit)
         out.mkdir(parents=True, exist_ok=True)
         write_jsonl(out / "infill_results.jsonl", rows)
@@ -217,7 +223,7 @@ def cmd_eval(args):
         from .eval.loss import heldout_loss
 
         scores = heldout_loss(args.model, args.data, seq_len=args.seq_len, max_windows=args.max_windows,
-                              **compression_config(args))
+                              **engine)
         print(f"held-out loss {scores['loss']:.4f} nats/token, {scores['bits_per_byte']:.4f} bits/byte "
               f"({scores['windows']} windows of {scores['seq_len']} tokens)")
     command = "minicoder " + shlex.join(args.argv) if getattr(args, "argv", None) else None
@@ -315,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int)
     add_compression_arguments(g)
     add_speculation_arguments(g)
+    add_engine_arguments(g, compile_default="off")  # one request does not repay the compile
     g.set_defaults(func=cmd_generate)
     ex = sub.add_parser("export", help="export a model to other formats").add_subparsers(dest="export_command", required=True)
     from .export import gguf
@@ -380,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--out", default="runs/eval", help="where samples, results and the summary go")
         e.add_argument("--results-md", help="also append a row to this Markdown results table (e.g. docs/results.md)")
         add_compression_arguments(e)
+        (add_dtype_argument if name == "loss" else add_engine_arguments)(e)
         e.set_defaults(func=cmd_eval)
 
     from . import recipe

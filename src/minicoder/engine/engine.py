@@ -52,7 +52,8 @@ class QueueFull(Exception):
 
 @dataclass
 class EngineConfig:
-    dtype: torch.dtype | str = torch.float32  # or its name: "bfloat16"
+    dtype: torch.dtype | str = torch.float32  # or its name: "bfloat16"; "auto": bf16 where the hardware runs it natively
+    compile: str = "off"  # "auto": torch.compile the decode step when it works; "on": or fail; "off": eager
     backend: str = "auto"  # "native" (paged Llama), "transformers", or "auto": native when it can load the model
     block_size: int = 16  # tokens per KV block
     num_blocks: int | None = None  # default: what kv_cache_bytes holds, at most what max_num_seqs full contexts need
@@ -90,6 +91,8 @@ class Engine:
         self.prompts = PromptBuilder(self.tokenizer)
         loaded = _load_model(self.model_path, config)
         self.backend, self.runner, self.vocab_size = loaded.backend, loaded.runner, loaded.vocab_size
+        self.dtype, self.dtype_reason = loaded.dtype, loaded.dtype_reason
+        self.compile_status = _compile_decode(self.runner, self.backend, config.compile)
         self.kv_bytes_per_token = loaded.kv_bytes_per_token
         self.max_model_len = loaded.max_model_len
         self.eos_token_ids = _eos_token_ids(self.model_path, self.tokenizer)
@@ -347,6 +350,12 @@ class Engine:
                 self.cancel(request_id)
                 self._take_inbox()
 
+    def runtime_summary(self) -> str:
+        """The start-up line: "dtype: bf16 (AVX-512 BF16 + AMX detected), decode: compiled (...)"."""
+        from .options import dtype_label
+
+        return f"dtype: {dtype_label(self.dtype)} ({self.dtype_reason}), decode: {self.compile_status}"
+
     def stats(self) -> EngineStats:
         return EngineStats(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
                            free_blocks=self.kv.num_free_blocks, total_blocks=len(self.kv.blocks),
@@ -406,6 +415,8 @@ class _LoadedModel:
     vocab_size: int
     num_blocks: int
     kv_bytes_per_token: int = 0
+    dtype: torch.dtype = torch.float32
+    dtype_reason: str = "as configured"
 
 
 def _load_model(path: Path, config: EngineConfig) -> _LoadedModel:
@@ -416,7 +427,12 @@ def _load_model(path: Path, config: EngineConfig) -> _LoadedModel:
     hf_config = _read_json(path / "config.json")
     if not hf_config:
         raise MinicoderError(f"{path}: not a model directory (no config.json)")
-    dtype = getattr(torch, config.dtype) if isinstance(config.dtype, str) else config.dtype
+    from .options import resolve_dtype
+
+    try:
+        dtype, dtype_reason = resolve_dtype(config.dtype)
+    except AttributeError:
+        raise MinicoderError(f"dtype {config.dtype!r}: not a torch dtype (auto, float32, bfloat16, float16)") from None
     max_len = min(config.max_model_len or 1 << 30, hf_config.get("max_position_embeddings", 4096))
     blocks_for_all = config.max_num_seqs * -(-max_len // config.block_size)
     native_error = None
@@ -431,7 +447,8 @@ def _load_model(path: Path, config: EngineConfig) -> _LoadedModel:
             per_token = kv_bytes_per_token(model.config, dtype, config.kv_cache_dtype)
             num_blocks = config.num_blocks or max(1, min(blocks_for_all, config.kv_cache_bytes // (per_token * config.block_size)))
             runner = PagedLlamaRunner(model, num_blocks, config.block_size, config.kv_cache_dtype)
-            return _LoadedModel("native", runner, max_len, model.config.vocab_size, num_blocks, per_token)
+            return _LoadedModel("native", runner, max_len, model.config.vocab_size, num_blocks, per_token, dtype,
+                                dtype_reason)
     if compressed:  # quantized weights and KV cache exist in the native runner only
         raise native_error or MinicoderError(f"{path}: quantization (--quantize, --kv-cache-dtype, quantized "
                                              "checkpoints) needs the native backend (a Llama-family model)")
@@ -440,7 +457,30 @@ def _load_model(path: Path, config: EngineConfig) -> _LoadedModel:
         raise native_error or MinicoderError(f"{path}: model_type {model_type!r} needs the transformers backend")
     model = load_transformers_model(path, dtype)
     return _LoadedModel("transformers", TransformersRunner(model), max_len, model.config.vocab_size,
-                        config.num_blocks or blocks_for_all)
+                        config.num_blocks or blocks_for_all, dtype=dtype, dtype_reason=dtype_reason)
+
+
+def _compile_decode(runner, backend: str, mode: str) -> str:
+    """Compile the native runner's decode step per `mode` (auto/on/off); returns what the step runs as."""
+    from .compiled_decode import CompileUnavailable
+
+    if mode not in ("auto", "on", "off"):
+        raise MinicoderError(f"compile {mode!r}: expected auto, on or off")
+    if mode == "off":
+        return "eager (--compile off)"
+    reason = "the transformers backend runs eagerly" if backend != "native" else runner.compile_reason()
+    if reason and mode == "auto":  # a configuration that has no compiled path: nothing failed, no notice
+        return f"eager ({reason})"
+    try:
+        if reason:
+            raise CompileUnavailable(reason)
+        seconds = runner.compile_decode()
+    except CompileUnavailable as e:
+        if mode == "on":
+            raise MinicoderError(f"--compile on: the decode step cannot be compiled ({e})") from None
+        log.warning("torch.compile is unavailable (%s): decoding eagerly", e)
+        return f"eager (compile unavailable: {e})"
+    return f"compiled (torch.compile, warmed up in {seconds:.1f} s)"
 
 
 def compress_on_load(model, config: EngineConfig) -> None:

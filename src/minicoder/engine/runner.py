@@ -159,8 +159,8 @@ class _QuantizedKV:
 
 
 class _FloatKV:
-    def __init__(self, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype):
-        self.data = torch.zeros(num_blocks, block_size, kv_heads, head_dim, dtype=dtype)
+    def __init__(self, data: torch.Tensor):
+        self.data = data  # (num_blocks, block_size, kv_heads, head_dim): one layer's view of the pool
 
     def write(self, slots: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         self.data.view(-1, *x.shape[1:]).index_copy_(0, slots, x)
@@ -172,6 +172,7 @@ class _FloatKV:
 
 class PagedLlamaRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, kv_cache_dtype: str = "auto"):
+        """Eager on construction; `compile_decode()` then moves pure-decode steps onto a compiled graph."""
         cfg = model.config
         self.config, self.block_size = cfg, block_size
         self.kv_cache_dtype = kv_cache_dtype
@@ -188,14 +189,17 @@ class PagedLlamaRunner:
             self.embed = None
         else:
             self.embed = model.model.embed_tokens.weight.detach()
+        self.k_pool = self.v_pool = None  # float caches: all layers in one tensor, so one write stores a step
         if kv_cache_dtype == "auto":
-            def make_cache():
-                return _FloatKV(num_blocks, block_size, self.n_kv, self.head_dim, self.dtype)
+            shape = (len(self.layers), num_blocks, block_size, self.n_kv, self.head_dim)
+            self.k_pool, self.v_pool = torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype)
+            self.k_cache, self.v_cache = [_FloatKV(t) for t in self.k_pool], [_FloatKV(t) for t in self.v_pool]
         else:
             def make_cache():
                 return _QuantizedKV(num_blocks, block_size, self.n_kv, self.head_dim, kv_cache_dtype)
-        self.k_cache = [make_cache() for _ in self.layers]
-        self.v_cache = [make_cache() for _ in self.layers]
+            self.k_cache = [make_cache() for _ in self.layers]
+            self.v_cache = [make_cache() for _ in self.layers]
+        self.compiled = None  # a CompiledDecode once compile_decode() succeeded
         # RoPE as x * cos + roll(x, half) * sin_signed: rotate_half(x) = roll(x, half) with the first half negated.
         cos, sin = rope_tables(cfg, torch.arange(cfg.max_position_embeddings))
         half = self.head_dim // 2
@@ -204,6 +208,26 @@ class PagedLlamaRunner:
 
     def release(self, request_id: str):
         """Nothing to do: the block tables say where everything is."""
+
+    def compile_reason(self) -> str | None:
+        """Why pure-decode steps cannot be compiled for this model (None: they can)."""
+        if self.k_pool is None:
+            return f"--kv-cache-dtype {self.kv_cache_dtype} runs eagerly"
+        if not all(isinstance(m, torch.Tensor) for w in self.layers for m in (w.qkv, w.o, w.gate_up, w.down)):
+            return "quantized weights run eagerly"
+        return None
+
+    def compile_decode(self) -> float:
+        """Compile and warm up the pure-decode graph; returns the seconds it took. Raises CompileUnavailable."""
+        from .compiled_decode import CompileUnavailable, CompiledDecode
+
+        reason = self.compile_reason()
+        if reason:
+            raise CompileUnavailable(reason)
+        compiled = CompiledDecode(self)
+        compiled.warm_up()
+        self.compiled = compiled
+        return compiled.compile_seconds
 
     def weight_bytes(self) -> int:
         """Bytes of the weights a step reads (fused and packed as they are held; each tensor once)."""
@@ -220,6 +244,10 @@ class PagedLlamaRunner:
         """Logits after writing every chunk's K/V, in chunk order: a row per token of an `all_logits` chunk,
         1 + num_draft rows for a chunk with speculative drafts, one row (its last token's) for each other chunk
         that wants logits."""
+        if self.compiled is not None and all(len(c.token_ids) == 1 for c in chunks):
+            logits = self._compiled_decode(chunks)
+            if logits is not None:
+                return logits
         bs = self.block_size
         # Decodes first, so they are rows 0..B-1 of the step.
         order = sorted(range(len(chunks)), key=lambda i: len(chunks[i].token_ids) > 1)
@@ -298,3 +326,23 @@ class PagedLlamaRunner:
                                                is_causal=mask is None, enable_gqa=self.gqa)
             out[rows] = o[0].transpose(0, 1)
         return out.view(T, H * hd)
+
+    def _compiled_decode(self, chunks: list[SequenceChunk]) -> torch.Tensor | None:
+        """A pure-decode step on the compiled graph, then every layer's new K/V written at once."""
+        from .compiled_decode import MIN_TABLE_WIDTH
+
+        bs = self.block_size
+        starts = [c.start for c in chunks]
+        width = max(MIN_TABLE_WIDTH, max(len(c.block_table) for c in chunks))
+        tables = torch.tensor([c.block_table + [0] * (width - len(c.block_table)) for c in chunks])
+        positions = torch.tensor(starts)
+        out = self.compiled(torch.tensor([c.token_ids[0] for c in chunks]), positions, tables)
+        if out is None:
+            return None
+        logits, new_k, new_v = out
+        slots = torch.tensor([c.block_table[p // bs] * bs + p % bs for c, p in zip(chunks, starts)])
+        L = len(self.layers)
+        self.k_pool.view(L, -1, self.n_kv, self.head_dim).index_copy_(1, slots, new_k)
+        self.v_pool.view(L, -1, self.n_kv, self.head_dim).index_copy_(1, slots, new_v)
+        rows = [i for i, c in enumerate(chunks) if c.wants_logits]
+        return logits if len(rows) == len(chunks) else logits[rows]

@@ -23,9 +23,12 @@ from ..train.loop import loss_fn
 @torch.inference_mode()
 def heldout_loss(model_dir: str | Path, data_dir: str | Path, seq_len: int | None = None, batch_size: int = 8,
                  max_windows: int | None = None, progress: bool = True, quantize: str | None = None,
-                 kv_cache_dtype: str = "auto", dtype: torch.dtype = torch.float32) -> dict:
-    """`quantize` / `kv_cache_dtype` compute as the engine's `--quantize` / `--kv-cache-dtype` do."""
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype)
+                 kv_cache_dtype: str = "auto", dtype: torch.dtype | str = torch.float32) -> dict:
+    """`quantize` / `kv_cache_dtype` compute as the engine's `--quantize` / `--kv-cache-dtype` do; `dtype` as
+    `--dtype` (auto: bf16 where the CPU runs it natively)."""
+    from ..engine.options import resolve_dtype
+
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(dtype)[0])
     model.set_kv_cache_dtype(kv_cache_dtype)
     if quantize:
         from ..quant.apply import quantize_model

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from .limits import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONNECTIONS
+from ..engine.options import add_engine_arguments, engine_options
 from ..quant.options import add_compression_arguments, compression_config
 from ..speculation_options import add_speculation_arguments, speculation_config
 
@@ -28,7 +29,6 @@ def configure_serve_parser(parser: argparse.ArgumentParser):
     key.add_argument("--api-key", help="the same with KEY itself; other local users can read it in the process list, "
                      "so prefer --api-key-file or $MINICODER_API_KEY (used when neither flag is given)")
     parser.add_argument("--served-model-name", help="the model's name in the API (default: the directory's name)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--backend", default="auto", choices=["auto", "native", "transformers"])
     parser.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     parser.add_argument("--max-num-seqs", type=int, default=16, help="requests in the running batch (default 16)")
@@ -48,6 +48,7 @@ def configure_serve_parser(parser: argparse.ArgumentParser):
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_compression_arguments(parser)
     add_speculation_arguments(parser)
+    add_engine_arguments(parser)
 
 
 def api_key(args: argparse.Namespace) -> str | None:
@@ -94,7 +95,7 @@ def run_serve(args: argparse.Namespace):
             raise MinicoderError(f"--{name.replace('_', '-')} must be a positive number, got {getattr(args, name)}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     key = api_key(args)
-    config = EngineConfig(dtype=args.dtype, backend=args.backend, max_model_len=args.max_model_len,
+    config = EngineConfig(backend=args.backend, **engine_options(args), max_model_len=args.max_model_len,
                           max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting,
                           kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)), **compression_config(args),
                           **speculation_config(args))
@@ -109,6 +110,7 @@ def run_serve(args: argparse.Namespace):
     log.info("serving %s as %r on http://%s:%d (backend %s, context %d tokens)%s", args.model, name, args.host,
              args.port, engine.backend, engine.max_request_tokens,
              "; API key required" if key else "")
+    log.info("%s", engine.engine.runtime_summary())
     log.info("web UI: http://%s:%d/ (open it in a browser)", args.host, args.port)
     uvicorn.Server(uvicorn_config(app, header_timeout=args.header_timeout, max_connections=args.max_connections,
                                   host=args.host, port=args.port, log_level=args.log_level)).run()
