@@ -65,8 +65,8 @@ def test_compile_auto_falls_back_to_eager_with_a_notice(llama_dir, monkeypatch, 
     assert len(notices) == 1 and "No working C++ compiler" in notices[0] and "decoding eagerly" in notices[0]
     assert engine.runner.compiled is None and "eager (compile unavailable" in engine.runtime_summary()
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
-    assert [o.token_ids for o in engine.generate(PROMPTS[:2], params)] == \
-        [o.token_ids for o in eager.generate(PROMPTS[:2], params)]
+    assert [o.token_ids for o in engine.run_to_completion(PROMPTS[:2], params)] == \
+        [o.token_ids for o in eager.run_to_completion(PROMPTS[:2], params)]
 
 
 def test_compile_on_fails_cleanly_when_it_cannot(llama_dir, monkeypatch):
@@ -94,7 +94,7 @@ def test_dtype_auto_follows_the_cpu(llama_dir, monkeypatch, fast_bf16):
     assert engine.runner.lm_head.dtype == (torch.bfloat16 if fast_bf16 else torch.float32)
     expected = "dtype: bf16 (AVX-512 BF16 + AMX detected)" if fast_bf16 else "dtype: fp32 (this CPU has no AVX-512 BF16"
     assert engine.runtime_summary().startswith(expected)
-    [out] = engine.generate(["def"], SamplingParams(max_new_tokens=4, ignore_eos=True))
+    [out] = engine.run_to_completion(["def"], SamplingParams(max_new_tokens=4, ignore_eos=True))
     assert len(out.token_ids) == 4
 
 
@@ -133,7 +133,7 @@ def run_both(pair, prompts, params):
     eager, compiled = pair
     calls = compiled.runner.compiled.calls
     seen = [recorded_logits(e) for e in pair]
-    outs = [e.generate(prompts, params) for e in pair]
+    outs = [e.run_to_completion(prompts, params) for e in pair]
     assert len(seen[0]) == len(seen[1])  # the same steps, the same chunks
     for step, (a, b) in enumerate(zip(*seen)):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4, msg=lambda m: f"step {step}: {m}")
@@ -174,7 +174,7 @@ def test_compiled_decode_bf16_close_to_eager_bf16(llama_dir):
     pair = [Engine(llama_dir, EngineConfig(dtype="bf16", compile=mode, **CONFIG)) for mode in ("off", "on")]
     seen = [recorded_logits(e) for e in pair]
     for e in pair:
-        e.generate(PROMPTS[:2], SamplingParams(max_new_tokens=8, ignore_eos=True))
+        e.run_to_completion(PROMPTS[:2], SamplingParams(max_new_tokens=8, ignore_eos=True))
     for a, b in zip(*seen):
         torch.testing.assert_close(b, a, atol=5e-2, rtol=5e-2)
         if not torch.equal(a.argmax(-1), b.argmax(-1)):  # a near tie went the other way: later inputs differ
