@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from conftest import save_tiny_llama
+from minicoder.engine.options import resolve_dtype
 
 CHROMIUM = os.environ.get("MINICODER_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -374,7 +375,8 @@ def test_model_panel_shows_the_model_and_live_metrics(page, server, shots):
     info = page.locator("#model-info")
     expect(info).to_contain_text(MODEL)
     expect(info).to_contain_text(f"{CONTEXT} tokens")
-    expect(info).to_contain_text("float32")
+    served_dtype = str(resolve_dtype("auto")[0]).removeprefix("torch.")  # `serve` runs --dtype auto: bf16 or float32
+    expect(info).to_contain_text(served_dtype)
     expect(info).to_contain_text("no minicoder.json")
     params = httpx.get(f"{server.url}/", headers={"Accept": "application/json"}).json()["model"]["parameters"]
     expect(info).to_contain_text(f"{params / 1e3:.1f} k")

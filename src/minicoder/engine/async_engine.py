@@ -56,6 +56,11 @@ class AsyncEngine:
         return self.engine.vocab_size
 
     @property
+    def dtype(self):
+        """The dtype the weights run in, as resolved at load (`--dtype auto` becomes bf16 or fp32 here)."""
+        return self.engine.dtype
+
+    @property
     def grammars(self):
         """The engine's grammar compiler (engine/guided.py): routes check a response_format before queueing it."""
         return self.engine.grammars

@@ -258,7 +258,7 @@ class Ollama:
     def __init__(self, server):
         self.server = server
         engine = server.engine
-        dtype = engine.config.dtype if isinstance(engine.config.dtype, str) else str(engine.config.dtype).split(".")[-1]
+        dtype = str(engine.dtype).split(".")[-1]  # resolved at load (`auto` is bf16 or float32 by now)
         self.facts = ModelFacts(engine.model_path, dtype, server.context, server.prompts.fim_format is not None)
 
     def template(self) -> str:

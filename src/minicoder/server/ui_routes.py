@@ -64,7 +64,7 @@ def server_info(server, app: FastAPI) -> dict:
     config = _read_json(path / "config.json")
     training = _read_json(path / "minicoder.json")
     generation = _read_json(path / "generation_config.json")
-    dtype = engine.config.dtype
+    dtype = engine.dtype  # resolved: `auto` is bf16 or float32 by now
     from_model = {k: generation[k] for k in GENERATION_CONFIG_KEYS if k in generation}
     return {
         "object": "server",
