@@ -74,7 +74,7 @@ browser:
 	else echo "note: no /usr/bin/chromium (apt-get install chromium, as root): the browser tests will be skipped"; fi
 
 test: install
-	$(BIN)/python -m pytest -q -rs
+	$(BIN)/python -m pytest -q -rs --durations=15
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow

@@ -2,7 +2,8 @@
 and the integration suite against a tiny random Llama run by the engine in-process.
 
 What the suite skips by its own switches, and why (minicoder's chat model does not claim these):
-tool calling and structured output (the server refuses `tools`), image / audio / PDF inputs (a text model),
+tool calling and structured output (ChatMinicoder has no `bind_tools` / `with_structured_output`; the server
+enforces `tools` and `response_format` for OpenAI clients, tests/test_structured_output.py), image / audio / PDF inputs (a text model),
 a per-call model override for an in-process model (one instance, one loaded model), VCR cassettes (no HTTP)."""
 
 from __future__ import annotations
