@@ -31,7 +31,7 @@ sources = ["{src}"]
 vocab_size = 600
 [pretrain]
 config = "tiny.toml"
-overrides = {{ max_steps = 6 }}
+overrides = {{ max_steps = 6, warmup_steps = 2 }}
 [tasks]
 exercises = 40
 replay = 0.5
@@ -78,6 +78,9 @@ def test_recipe_runs_in_sittings_and_resumes_every_stage(tmp_path):
     anneal_info = json.loads((out / "anneal" / "final" / "minicoder.json").read_text())
     pretrain_info = json.loads((out / "pretrain" / "final" / "minicoder.json").read_text())
     assert anneal_info["tokens_trained"] > pretrain_info["tokens_trained"]  # it continued from the pretrained model
+    # The anneal decays from the pretraining rate: pretraining's warmup override must not warm it up again from 0.
+    anneal_train = json.loads((out / "anneal" / "settings.json").read_text())["train"]
+    assert (anneal_train["warmup_steps"], anneal_train["decay_fraction"]) == (0, 1.0)
 
     # An anneal interrupted after its step-2 checkpoint: the next sitting continues it, not restarts it.
     state = json.loads((out / "recipe.json").read_text())

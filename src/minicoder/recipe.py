@@ -158,9 +158,10 @@ class Recipe:
         p, a = self.cfg["pretrain"], self.cfg.get("anneal", {})
         out = self.path("anneal")
         self.minicoder("pretrain", "--config", preset(self.file, p["config"]), "--data", self.path("tasks_data"),
-                       "--out", out, "--init", self.path("pretrain/final"), "--schedule", "wsd", "--decay-fraction", "1",
-                       "--warmup-steps", "0", "--min-lr-ratio", str(a.get("min_lr_ratio", 0.02)), *overrides(p),
-                       *overrides(a), *self.train_args(out), "--quiet")
+                       "--out", out, "--init", self.path("pretrain/final"), *overrides(p),
+                       # after the pretraining overrides, which would otherwise warm the rate up again from 0
+                       "--schedule", "wsd", "--decay-fraction", "1", "--warmup-steps", "0",
+                       "--min-lr-ratio", str(a.get("min_lr_ratio", 0.02)), *overrides(a), *self.train_args(out), "--quiet")
 
     def stage_sft_data(self):
         s = self.cfg.get("sft", {})
