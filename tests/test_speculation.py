@@ -282,3 +282,24 @@ def test_sampled_requests_speculate_over_http_and_count_in_metrics(peaked_dir):
     assert metrics["minicoder_spec_decode_num_draft_tokens_total"] == stats.draft_tokens > 0
     assert metrics["minicoder_spec_decode_num_accepted_tokens_total"] == stats.accepted_tokens > 0
     assert metrics["minicoder_spec_decode_request_acceptance_rate_count"] == 1
+
+
+def test_min_tokens_mask_follows_each_draft_position(peaked_dir):
+    """Stop tokens are held back per draft position: row i of a verified chunk comes after i more tokens."""
+    import torch
+
+    from minicoder.engine.speculation import verify
+
+    e = engine(peaked_dir, k=3)
+    stop, choices = 107, [103, 104, 105, 106]  # the choices are no end-of-sequence token either
+    assert stop not in e.eos_token_ids and not set(choices) & e.eos_token_ids
+    for params in (SamplingParams(min_new_tokens=2, stop_token_ids=[stop]),
+                   SamplingParams(min_new_tokens=2, stop_token_ids=[stop], temperature=0.5, top_k=2, seed=0)):
+        request = e.requests[e.submit("def", params)]
+        logits = torch.zeros(4, e.vocab_size)
+        logits[:, stop] = 50.0  # the model's choice everywhere
+        logits[[0, 1, 2, 3], choices] = 40.0  # each row's choice without it
+        # Rows 0 and 1 (0 and 1 tokens generated before them) may not stop; row 2 (2 generated) may.
+        assert verify(logits, [103, 104, stop], request) == ([103, 104, stop, stop], 3)
+        assert verify(logits, [103, 104, 105], request) == ([103, 104, stop], 2)
+        assert verify(logits, [103, stop, 105], request) == ([103, 104], 1)
