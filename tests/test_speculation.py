@@ -231,11 +231,7 @@ def test_speculative_config_is_validated(peaked_dir):
 
 
 def test_generate_and_serve_flags(peaked_dir, capsys):
-    from fastapi.testclient import TestClient
-
     from minicoder.cli import main
-    from minicoder.engine import AsyncEngine
-    from minicoder.server import ServerSettings, create_app
 
     args = ["generate", str(peaked_dir), "--prompt", EDIT_PROMPT, "--max-new-tokens", "24"]
     assert main(args) == 0
@@ -248,40 +244,36 @@ def test_generate_and_serve_flags(peaked_dir, capsys):
         assert main([*args, *bad]) == 2
         assert f"error: {message}" in capsys.readouterr().err
 
-    app = create_app(AsyncEngine(engine(peaked_dir, k=5)), ServerSettings(model_name="m"))
     [expected], _, _ = run(peaked_dir, [EDIT_PROMPT], SamplingParams(max_new_tokens=24, ignore_eos=True))
-    with TestClient(app) as client:
-        for temperature in (0, 1e-7):  # a tiny temperature is greedy: it speculates too
-            body = client.post("/v1/completions", json={"prompt": EDIT_PROMPT, "max_tokens": 24, "ignore_eos": True,
-                                                         "temperature": temperature}).json()
-            assert body["choices"][0]["text"] == expected.text
-        metrics = {line.split("{")[0]: float(line.rsplit(" ", 1)[1])
-                   for line in client.get("/metrics").text.splitlines() if not line.startswith("#")}
-    stats = app.state.server.engine.engine.stats().speculation
-    assert metrics["minicoder_spec_decode_num_draft_tokens_total"] == stats.draft_tokens > 0
-    assert metrics["minicoder_spec_decode_num_accepted_tokens_total"] == stats.accepted_tokens > 0
-    assert metrics["minicoder_spec_decode_request_acceptance_rate_count"] == 2
+    # A tiny temperature is greedy: it speculates too.
+    assert served_texts_counting_drafts(peaked_dir, [{"temperature": 0}, {"temperature": 1e-7}]) == [expected.text] * 2
 
 
 def test_sampled_requests_speculate_over_http_and_count_in_metrics(peaked_dir):
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True, temperature=0.7, seed=11)
+    [expected], _, _ = run(peaked_dir, [EDIT_PROMPT], params)  # without speculation
+    assert served_texts_counting_drafts(peaked_dir, [{"temperature": 0.7, "seed": 11}]) == [expected.text]
+
+
+def served_texts_counting_drafts(peaked_dir, bodies: list[dict]) -> list[str]:
+    """The texts a server speculating with K=5 answers EDIT_PROMPT completions with (24 tokens, `bodies`
+    added); its /metrics must count the drafts of them all, as the engine does, and some must be accepted."""
     from fastapi.testclient import TestClient
 
     from minicoder.engine import AsyncEngine
     from minicoder.server import ServerSettings, create_app
 
-    params = SamplingParams(max_new_tokens=24, ignore_eos=True, temperature=0.7, seed=11)
-    [expected], _, _ = run(peaked_dir, [EDIT_PROMPT], params)  # without speculation
     app = create_app(AsyncEngine(engine(peaked_dir, k=5)), ServerSettings(model_name="m"))
     with TestClient(app) as client:
-        body = client.post("/v1/completions", json={"prompt": EDIT_PROMPT, "max_tokens": 24, "ignore_eos": True,
-                                                     "temperature": 0.7, "seed": 11}).json()
-        assert body["choices"][0]["text"] == expected.text
+        texts = [client.post("/v1/completions", json={"prompt": EDIT_PROMPT, "max_tokens": 24, "ignore_eos": True,
+                                                      **body}).json()["choices"][0]["text"] for body in bodies]
         metrics = {line.split("{")[0]: float(line.rsplit(" ", 1)[1])
                    for line in client.get("/metrics").text.splitlines() if not line.startswith("#")}
     stats = app.state.server.engine.engine.stats().speculation
     assert metrics["minicoder_spec_decode_num_draft_tokens_total"] == stats.draft_tokens > 0
     assert metrics["minicoder_spec_decode_num_accepted_tokens_total"] == stats.accepted_tokens > 0
-    assert metrics["minicoder_spec_decode_request_acceptance_rate_count"] == 1
+    assert metrics["minicoder_spec_decode_request_acceptance_rate_count"] == len(bodies)
+    return texts
 
 
 def test_min_tokens_mask_follows_each_draft_position(peaked_dir):

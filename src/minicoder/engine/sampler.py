@@ -39,7 +39,8 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[int]:
     return tokens
 
 
-def processed_logits(logits: torch.Tensor, requests: list[Request], num_outputs: list[int] | None = None) -> torch.Tensor:
+def processed_logits(logits: torch.Tensor, requests: list[Request],
+                     num_outputs: list[int] | None = None) -> torch.Tensor:
     """The logits row i's request chooses from (a new tensor): stop tokens masked while fewer than min_tokens
     exist (`num_outputs[i]` tokens generated before row i's; default: the request's output so far), then its
     penalties and grammar; NaN/inf made finite. Greedy decoding takes the argmax, sampling `filtered_probs`."""
