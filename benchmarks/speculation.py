@@ -3,13 +3,16 @@
 Edit-style prompts are built from functions of this repository's own source: the function, then a request
 to rewrite it and its first line, so a code model's continuation repeats spans of the prompt (what
 prompt lookup is for). Normal prompts are the same functions' signatures alone (little to copy). Each
-configuration (plain decoding, then ngram with each K) runs the same greedy requests in one engine, one
+configuration (plain decoding, then ngram with each K) runs the same requests in one engine, one
 request at a time (batch 1, where a decode step is bound by reading the weights) and, with --batch, all
-at once. Every speculative run's tokens are checked against plain decoding's. Raw measurements go to
+at once. Requests are greedy, or with --temperature T sampled with a fixed seed (speculation then verifies
+drafts by rejection sampling). Every speculative run's tokens are checked against plain decoding's (for
+sampled requests they match too, but for a rare draw moved by float rounding). Raw measurements go to
 --out as JSON; nothing is interpreted here.
 
   .venv/bin/python benchmarks/speculation.py --model runs/demo/final --out build/speculation.json
   .venv/bin/python benchmarks/speculation.py --model runs/demo/final --prompts 2 --new-tokens 16 --k 4  # smoke test
+  .venv/bin/python benchmarks/speculation.py --model runs/demo/final --temperature 0.7 --out build/speculation-t07.json
 
 Run it on a quiet machine: timings taken while other work runs say nothing.
 """
@@ -89,6 +92,8 @@ def main():
     ap.add_argument("--model", default=str(ROOT / "runs" / "demo" / "final"), help="a model directory")
     ap.add_argument("--prompts", type=int, default=8, help="functions (edit-style and normal prompt each)")
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above: sampled with --seed")
+    ap.add_argument("--seed", type=int, default=0, help="the sampled requests' seed")
     ap.add_argument("--k", default="2,5,8", help="comma-separated num_speculative_tokens values")
     ap.add_argument("--prompt-lookup-min", type=int, default=2)
     ap.add_argument("--prompt-lookup-max", type=int, default=4)
@@ -101,7 +106,12 @@ def main():
     if not (model / "config.json").is_file():
         raise SystemExit(f"error: {model}: not a model directory (pass --model)")
     torch.set_num_threads(args.threads)
-    params = SamplingParams(max_new_tokens=args.new_tokens)  # greedy; stops at end-of-sequence as users see
+    # Stops at end-of-sequence as users see; a seed makes sampled runs comparable across configurations.
+    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=args.temperature, seed=args.seed)
+    try:
+        params.validate()
+    except ValueError as e:
+        raise SystemExit(f"error: --{str(e).split()[0]}: {e}") from None
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model)
@@ -129,7 +139,7 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps({"model": str(model), "threads": args.threads, "dtype": args.dtype,
-                               "new_tokens": args.new_tokens, "machine": platform.processor() or platform.machine(),
+                               "new_tokens": args.new_tokens, "temperature": args.temperature, "seed": args.seed, "machine": platform.processor() or platform.machine(),
                                "torch": torch.__version__, "results": results}, indent=1))
     tmp.replace(out)
     print(f"wrote {out}: {len(results)} configurations")

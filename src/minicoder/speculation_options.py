@@ -12,8 +12,9 @@ SPECULATIVE_METHODS = ("ngram",)
 
 def add_speculation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speculative", choices=SPECULATIVE_METHODS,
-                        help="ngram: prompt-lookup speculative decoding for greedy requests (drafts copied from "
-                             "the prompt and output, verified in one forward; the output does not change)")
+                        help="ngram: prompt-lookup speculative decoding (drafts copied from the prompt and output, "
+                             "verified in one forward; greedy output does not change, sampled output keeps its "
+                             "distribution; requests with penalties or a grammar do not speculate)")
     parser.add_argument("--num-speculative-tokens", type=int, metavar="K",
                         help="with --speculative: most draft tokens verified per request and step (default 5)")
     parser.add_argument("--prompt-lookup-min", type=int, metavar="N",

@@ -35,7 +35,7 @@ from .sampler import record_prompt_logprobs, sample, token_logprob
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .runner import SequenceChunk
-from .speculation import NgramProposer, SpeculationStats, SpeculativeConfig, accept_greedy
+from .speculation import NgramProposer, SpeculationStats, SpeculativeConfig, verify
 
 __all__ = ["Engine", "EngineConfig", "EngineStats", "QueueFull"]
 
@@ -62,7 +62,7 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     quantize: str | None = None  # "int8" / "int4": round-to-nearest weights at load time (native backend)
     kv_cache_dtype: str = "auto"  # "int8" / "int4": quantized KV cache, 2x / 4x the tokens per byte of 16-bit
-    speculative: SpeculativeConfig | None = None  # prompt-lookup drafts for greedy requests (native backend)
+    speculative: SpeculativeConfig | None = None  # prompt-lookup drafts, greedy and sampled requests (native backend)
 
 
 @dataclass
@@ -210,10 +210,10 @@ class Engine:
             self._remove(request)
 
     def _verify(self, chunk, rows: torch.Tensor, outputs: list[RequestOutput]):
-        """Keep the drafts greedy decoding agrees with, plus the model's own next token (speculation.py)."""
+        """Keep the drafts the request's own greedy or sampled choice agrees with, plus its next token (speculation.py)."""
         request, draft = chunk.request, chunk.draft_token_ids
         try:
-            tokens, accepted = accept_greedy(rows, draft)
+            tokens, accepted = verify(rows, draft, request)
         except Exception:
             log.exception("request %s: verifying %d draft tokens failed", request.id, len(draft))
             outputs.append(self._fail(request, "sampling failed"))

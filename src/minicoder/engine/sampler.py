@@ -7,6 +7,9 @@ vocabulary), then temperature, top-k, top-p and min-p for all sampled rows at on
 batch. A request that must match a grammar (JSON schema, `response_format`) has its row masked to the tokens
 its grammar allows, after penalties and before temperature (engine/guided.py). Log-probabilities are
 reported under the model's own distribution (before any of this).
+
+`processed_logits` and `filtered_probs` are the whole rule: speculative verification (speculation.py) draws
+each position's token from the same rows, so a speculating request samples exactly what it would without.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from .request import Request, TokenLogprob
+from .sampling_params import SamplingParams
 
 
 def sample(logits: torch.Tensor, requests: list[Request]) -> list[int]:
@@ -22,26 +26,40 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[int]:
     if all(r.plain_greedy and r.params.logprobs is None for r in requests):
         return logits.argmax(dim=-1).tolist()
     raw = logits
-    logits = logits.clone()
+    logits = processed_logits(logits, requests)
+    tokens = logits.argmax(dim=-1).tolist()
+    sampled = [i for i, r in enumerate(requests) if not r.params.greedy]
+    if sampled:
+        probs = filtered_probs(logits[sampled], [requests[i].params for i in sampled])
+        for row, i in enumerate(sampled):
+            tokens[i] = draw(probs[row], requests[i].generator)
     for i, r in enumerate(requests):
-        if len(r.output_ids) < r.params.min_new_tokens and r.stop_token_ids:
+        if r.logprobs is not None:
+            r.logprobs.append(token_logprob(raw[i], tokens[i], r.params.logprobs))
+    return tokens
+
+
+def processed_logits(logits: torch.Tensor, requests: list[Request],
+                     num_outputs: list[int] | None = None) -> torch.Tensor:
+    """The logits row i's request chooses from (a new tensor): stop tokens masked while fewer than min_tokens
+    exist (`num_outputs[i]` tokens generated before row i's; default: the request's output so far), then its
+    penalties and grammar; NaN/inf made finite. Greedy decoding takes the argmax, sampling `filtered_probs`."""
+    logits = logits.float().clone()
+    for i, r in enumerate(requests):
+        generated = len(r.output_ids) if num_outputs is None else num_outputs[i]
+        if generated < r.params.min_new_tokens and r.stop_token_ids:
             logits[i, list(r.stop_token_ids)] = float("-inf")
         if r.penalties is not None:
             logits[i] = apply_penalties(logits[i], r)
     constrained = [i for i, r in enumerate(requests) if r.grammar is not None]
     if constrained:
         apply_grammars(logits, [requests[i] for i in constrained], constrained)
-    logits = finite_logits(logits)
-    tokens = logits.argmax(dim=-1).tolist()
-    sampled = [i for i, r in enumerate(requests) if not r.params.greedy]
-    if sampled:
-        probs = _filtered_probs(logits[sampled], [requests[i] for i in sampled])
-        for row, i in enumerate(sampled):
-            tokens[i] = int(torch.multinomial(probs[row], 1, generator=requests[i].generator))
-    for i, r in enumerate(requests):
-        if r.logprobs is not None:
-            r.logprobs.append(token_logprob(raw[i], tokens[i], r.params.logprobs))
-    return tokens
+    return finite_logits(logits)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """One token from a (vocab,) row of `filtered_probs` (not necessarily normalized) with the request's generator."""
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def record_prompt_logprobs(request: Request, start: int, logits: torch.Tensor):
@@ -96,8 +114,11 @@ def apply_penalties(row: torch.Tensor, request: Request) -> torch.Tensor:
     return row
 
 
-def _filtered_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-    params = [r.params for r in requests]
+def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Sampling weights per row of `processed_logits`: temperature, top-k, top-p, then min-p (rows, vocab).
+
+    Rows are not renormalized after min-p (torch.multinomial does not need it); a row with nothing left is
+    one-hot on its argmax."""
     logits = finite_logits(logits / torch.tensor([p.temperature for p in params])[:, None])
     vocab = logits.shape[-1]
     top_k = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]

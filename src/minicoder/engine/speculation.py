@@ -1,18 +1,27 @@
 """Prompt-lookup (n-gram) speculative decoding: draft tokens from the request's own text, verified in one forward.
 
 Edit-style requests ("rewrite this function", a refactor, fill-in-the-middle in a file with similar code)
-mostly copy spans of their prompt. Each step, for every greedy request that is decoding, the proposer
-looks for the most recent earlier occurrence of the request's last n tokens (n from `prompt_lookup_max`
-down to `prompt_lookup_min`) in its prompt + output and proposes the up to K tokens that followed it.
-The scheduler runs the request's last token plus its drafts as one chunk over the paged cache (the
+mostly copy spans of their prompt. Each step, for every request that is decoding, the proposer looks for
+the most recent earlier occurrence of the request's last n tokens (n from `prompt_lookup_max` down to
+`prompt_lookup_min`) in its prompt + output and proposes the up to K tokens that followed it. The
+scheduler runs the request's last token plus its drafts as one chunk over the paged cache (the
 chunked-prefill path), so one forward gives the model's next-token logits after each of them.
-`accept_greedy` keeps the longest run of drafts that greedy decoding would have produced, plus the
-model's own token after it: the output is exactly plain greedy decoding's, a step yields 1..K+1 tokens.
+
+`verify` walks the positions in order and picks each one's token by the request's own rule, from the
+same rows the sampler uses (min_tokens mask, temperature, top-k, top-p, min-p; sampler.py): the argmax
+for greedy requests, one draw with the request's generator for sampled ones. A draft is accepted when
+the picked token equals it, and the first token that differs ends the step (all K accepted: the token
+after them too), so a step yields 1..K+1 tokens. For a sampled request this is rejection sampling with a
+one-hot draft distribution (Leviathan et al. 2023; vLLM's rule for n-gram drafts): draft d is accepted with
+probability p(d), and a rejected position's token is distributed as p with d removed and renormalized.
+The output distribution is exactly plain sampling's; because each emitted token costs one draw, as without
+speculation, a seeded request even gets the same text (up to float rounding between a one-token decode
+and a multi-token verification forward, which can move a draw that falls on a boundary).
 The keys/values of accepted drafts stay in the cache; the slots of rejected ones are rolled back
 (`KVCacheManager.trim`) and overwritten by the next step.
 
-Only requests whose next token is the argmax of the raw logits speculate (temperature 0, no penalties,
-past min_tokens); sampled requests decode one token per step as before, so their distribution is untouched.
+Requests with repetition / presence / frequency penalties or a grammar do not speculate: their logits at
+a draft position depend on the tokens before it, which the one forward does not know yet.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ import numpy as np
 import torch
 
 from .request import Request
-from .sampler import finite_logits
+from .sampler import draw, filtered_probs, finite_logits, processed_logits
 
 METHODS = ("ngram",)
 MAX_SPECULATIVE_TOKENS = 64
@@ -87,8 +96,33 @@ def accept_greedy(logits: torch.Tensor, draft: list[int]) -> tuple[list[int], in
     return targets[: accepted + 1], accepted
 
 
+def accept_sampled(probs: torch.Tensor, draft: list[int], generator: torch.Generator) -> tuple[list[int], int]:
+    """Tokens sampling emits given its weights (len(draft) + 1, vocab) after the last token and each draft.
+
+    Each position draws its token from its row; the draft is accepted when the draw equals it, which
+    happens with probability p(d), and a draw that differs is the rejected position's token, distributed as
+    p without d. Rows after the first rejection are never drawn from: the generator advances once per
+    emitted token. Returns (tokens, number of drafts accepted).
+    """
+    tokens: list[int] = []
+    for position, row in enumerate(probs):
+        tokens.append(draw(row, generator))
+        if position == len(draft) or tokens[-1] != draft[position]:
+            break
+    return tokens, len(tokens) - 1
+
+
+def verify(logits: torch.Tensor, draft: list[int], request: Request) -> tuple[list[int], int]:
+    """The request's tokens for one verified chunk: raw logits (len(draft) + 1, vocab), one row per position."""
+    generated = len(request.output_ids)
+    rows = processed_logits(logits, [request] * len(logits), list(range(generated, generated + len(logits))))
+    if request.params.greedy:
+        return accept_greedy(rows, draft)
+    return accept_sampled(filtered_probs(rows, [request.params] * len(rows)), draft, request.generator)
+
+
 class NgramProposer:
-    """Drafts for one request, or none when speculation cannot give it exactly what plain decoding would."""
+    """Drafts for one request, or none when its logits depend on the tokens before them (penalties, grammar)."""
 
     def __init__(self, config: SpeculativeConfig):
         config.validate()
@@ -96,7 +130,11 @@ class NgramProposer:
 
     def propose(self, request: Request, max_tokens: int) -> list[int]:
         """At most `max_tokens` drafts, when the request's next step is its last known token (a decode)."""
-        if request.num_computed_tokens != len(request.token_ids) - 1 or not request.plain_greedy:
+        if request.num_computed_tokens != len(request.token_ids) - 1:
+            return []
+        # Penalties count the tokens before each position and a grammar's mask follows them: the rows of a
+        # draft position would need the drafts applied first, so these requests decode a token per step.
+        if request.penalties is not None or request.grammar is not None:
             return []
         # The step emits up to len(draft) + 1 tokens: never more than max_tokens allows.
         k = min(self.config.num_speculative_tokens, max_tokens,
@@ -110,7 +148,7 @@ class SpeculationStats:
     """Counters for `/metrics` (vLLM: spec_decode_num_draft_tokens / spec_decode_num_accepted_tokens)."""
 
     draft_tokens: int = 0  # proposed and verified
-    accepted_tokens: int = 0  # of which greedy decoding agreed with
+    accepted_tokens: int = 0  # of which the request's own greedy / sampled choice agreed with
     steps: int = 0  # request-steps that verified drafts
 
     def record(self, proposed: int, accepted: int):
