@@ -418,6 +418,8 @@ def test_repo_index_unit(tmp_path):
 def test_serve_repo_flag_errors(tmp_path):
     proc = run_cli("serve", str(tmp_path), "--repo", str(tmp_path / "missing"))
     assert proc.returncode == 2 and "--repo" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("serve", str(tmp_path), "--max-num-batched-tokens", "0")
+    assert proc.returncode == 2 and "--max-num-batched-tokens must be at least 1" in proc.stderr
 
 
 def test_a_cut_prefix_stays_put_while_the_user_types(client):

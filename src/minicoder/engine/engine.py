@@ -28,6 +28,7 @@ import torch
 from ..errors import MinicoderError
 from .guided import Grammars
 from .loading import compile_decode, eos_token_ids, load_model, load_tokenizer
+from .options import DEFAULT_BATCHED_TOKENS
 from .kv_cache import KVCacheManager, PrefixCacheStats
 from .prompts import PromptBuilder
 from .request import Request, RequestFailed, RequestOutput
@@ -56,7 +57,7 @@ class EngineConfig:
     num_blocks: int | None = None  # default: what kv_cache_bytes holds, at most what max_num_seqs full contexts need
     kv_cache_bytes: int = 2 << 30
     max_num_seqs: int = 16  # requests in the running batch
-    max_num_batched_tokens: int = 256  # tokens per step: decodes plus prefill chunks
+    max_num_batched_tokens: int = DEFAULT_BATCHED_TOKENS  # tokens per step: decodes plus prefill chunks
     max_waiting: int = 256  # bound of the waiting queue: beyond it submit raises QueueFull
     enable_prefix_caching: bool = True
     max_model_len: int | None = None  # default: the model's max_position_embeddings

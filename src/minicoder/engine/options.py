@@ -25,6 +25,10 @@ def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
                              "(or a CUDA GPU with bf16), else fp32")
 
 
+# Tokens one engine step computes (chunked prefill): a prompt longer than this is prefilled over several steps.
+DEFAULT_BATCHED_TOKENS = 256
+
+
 def add_engine_arguments(parser: argparse.ArgumentParser, compile_default: str = "auto") -> None:
     """--dtype and --compile, for commands that generate through the engine."""
     add_dtype_argument(parser)

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from .limits import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONNECTIONS
-from ..engine.options import add_engine_arguments, engine_options
+from ..engine.options import DEFAULT_BATCHED_TOKENS, add_engine_arguments, engine_options
 from ..quant.options import add_compression_arguments, compression_config
 from ..speculation_options import add_speculation_arguments, speculation_config
 
@@ -32,6 +32,10 @@ def configure_serve_parser(parser: argparse.ArgumentParser):
     parser.add_argument("--backend", default="auto", choices=["auto", "native", "transformers"])
     parser.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     parser.add_argument("--max-num-seqs", type=int, default=16, help="requests in the running batch (default 16)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="tokens one engine step computes, decodes plus prefill chunks (chunked prefill): larger "
+                             "prefills a long prompt in fewer steps (lower time to first token), smaller keeps other "
+                             "streams' decode steps short while it prefills (default %d)" % DEFAULT_BATCHED_TOKENS)
     parser.add_argument("--max-waiting", type=int, default=256,
                         help="waiting-queue bound; beyond it requests get HTTP 429 (default 256)")
     parser.add_argument("--kv-cache-gb", type=float, default=2.0, help="memory for the KV cache (default 2 GB)")
@@ -82,7 +86,7 @@ def run_serve(args: argparse.Namespace):
     from .limits import uvicorn_config
 
     for name, minimum in (("port", 0), ("max_num_seqs", 1), ("max_waiting", 1), ("max_model_len", 2),
-                          ("max_connections", 1)):
+                          ("max_connections", 1), ("max_num_batched_tokens", 1)):
         value = getattr(args, name)
         if value is not None and value < minimum:
             raise MinicoderError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
@@ -97,6 +101,7 @@ def run_serve(args: argparse.Namespace):
     key = api_key(args)
     config = EngineConfig(backend=args.backend, **engine_options(args), max_model_len=args.max_model_len,
                           max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting,
+                          max_num_batched_tokens=args.max_num_batched_tokens or DEFAULT_BATCHED_TOKENS,
                           kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)), **compression_config(args),
                           **speculation_config(args))
     from ..shipped import resolve_model, served_name
