@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .request import Request
-from .sampler import draw, filtered_probs, finite_logits, processed_logits
+from .sampler import draw, filtered_probs, processed_logits
 
 METHODS = ("ngram",)
 MAX_SPECULATIVE_TOKENS = 64
@@ -85,11 +85,12 @@ def propose_ngram(tokens: list[int], min_n: int, max_n: int, k: int) -> list[int
 
 
 def accept_greedy(logits: torch.Tensor, draft: list[int]) -> tuple[list[int], int]:
-    """Tokens greedy decoding emits given logits (len(draft) + 1, vocab) after the last token and each draft.
+    """Tokens greedy decoding emits given `processed_logits` rows (len(draft) + 1, vocab, finite) after the last
+    token and each draft.
 
     Returns (tokens, number of drafts accepted): the drafts that match the model's argmax, then its own token.
     """
-    targets = finite_logits(logits.float()).argmax(dim=-1).tolist()
+    targets = logits.argmax(dim=-1).tolist()
     accepted = 0
     while accepted < len(draft) and draft[accepted] == targets[accepted]:
         accepted += 1
