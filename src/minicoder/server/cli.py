@@ -32,7 +32,7 @@ def configure_serve_parser(parser: argparse.ArgumentParser):
     parser.add_argument("--backend", default="auto", choices=["auto", "native", "transformers"])
     parser.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     parser.add_argument("--max-num-seqs", type=int, default=16, help="requests in the running batch (default 16)")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+    parser.add_argument("--max-num-batched-tokens", type=int, default=DEFAULT_BATCHED_TOKENS,
                         help="tokens one engine step computes, decodes plus prefill chunks (chunked prefill): larger "
                              "prefills a long prompt in fewer steps (lower time to first token), smaller keeps other "
                              "streams' decode steps short while it prefills (default %d)" % DEFAULT_BATCHED_TOKENS)
@@ -101,7 +101,7 @@ def run_serve(args: argparse.Namespace):
     key = api_key(args)
     config = EngineConfig(backend=args.backend, **engine_options(args), max_model_len=args.max_model_len,
                           max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting,
-                          max_num_batched_tokens=args.max_num_batched_tokens or DEFAULT_BATCHED_TOKENS,
+                          max_num_batched_tokens=args.max_num_batched_tokens,
                           kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)), **compression_config(args),
                           **speculation_config(args))
     from ..shipped import resolve_model, served_name
